@@ -1,0 +1,188 @@
+"""QScheme, QParams, dtype ranges and the Observer protocol shared by every observer."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jax_observers._src.partial import WithArgs
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.1920928955078125e-07, torch's default eps
+
+
+class QScheme(enum.Enum):
+  """torch's quantization schemes (``torch.per_tensor_affine`` ...)."""
+
+  PER_TENSOR_AFFINE = "per_tensor_affine"
+  PER_TENSOR_SYMMETRIC = "per_tensor_symmetric"
+  PER_CHANNEL_AFFINE = "per_channel_affine"
+  PER_CHANNEL_SYMMETRIC = "per_channel_symmetric"
+  PER_CHANNEL_AFFINE_FLOAT_QPARAMS = "per_channel_affine_float_qparams"
+
+  @property
+  def is_per_channel(self) -> bool:
+    return self.name.startswith("PER_CHANNEL")
+
+  @property
+  def is_symmetric(self) -> bool:
+    return self.name.endswith("SYMMETRIC")
+
+
+per_tensor_affine = QScheme.PER_TENSOR_AFFINE
+per_tensor_symmetric = QScheme.PER_TENSOR_SYMMETRIC
+per_channel_affine = QScheme.PER_CHANNEL_AFFINE
+per_channel_symmetric = QScheme.PER_CHANNEL_SYMMETRIC
+per_channel_affine_float_qparams = QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS
+
+
+class QParams(struct.PyTreeNode):
+  """``scale`` and ``zero_point``; unpacks like torch's ``(scale, zero_point)`` tuple."""
+
+  scale: jax.Array  # shape () per tensor or (C,) per channel, float32.
+  zero_point: jax.Array  # like scale; int32, or float32 for per_channel_affine_float_qparams.
+
+  def __iter__(self):
+    return iter((self.scale, self.zero_point))
+
+
+class QParamsUnavailableError(RuntimeError):
+  """Raised by ``calculate_qparams`` of observers that only pass tensors through (as torch does)."""
+
+
+# Default (quant_min, quant_max) per dtype, and with reduce_range: torch's calculate_qmin_qmax.
+_INT_RANGES = {
+    np.dtype(jnp.int8): ((-128, 127), (-64, 63)),
+    np.dtype(jnp.uint8): ((0, 255), (0, 127)),
+    np.dtype(jnp.int32): ((-(2**31), 2**31 - 1),) * 2,
+    np.dtype(jnp.int16): ((-(2**15), 2**15 - 1),) * 2,
+    np.dtype(jnp.uint16): ((0, 2**16 - 1),) * 2,
+    np.dtype(jnp.uint4): ((0, 15),) * 2,  # torch.quint4x2
+    # torch gives float8 dtypes the quint4x2 integer range (0, 15); kept for parity.
+    np.dtype(jnp.float8_e4m3fn): ((0, 15),) * 2,
+    np.dtype(jnp.float8_e5m2): ((0, 15),) * 2,
+}
+UNIFORM_DTYPES = tuple(_INT_RANGES)
+
+
+def canonical_dtype(dtype: Any, *, allowed=None, arg: str = "dtype") -> np.dtype:
+  """``dtype`` as a NumPy dtype, checked against ``allowed``."""
+  try:
+    out = np.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{arg}={dtype!r} is not a dtype.") from None
+  if allowed is not None and out not in allowed:
+    names = ", ".join(sorted(d.name for d in allowed))
+    raise ValueError(f"{arg}={out.name!r} is not supported here; expected one of: {names}.")
+  return out
+
+
+def calculate_qmin_qmax(quant_min, quant_max, has_customized_qrange, dtype, reduce_range):
+  """torch's ``calculate_qmin_qmax`` with its assertions turned into ValueErrors."""
+  if has_customized_qrange:
+    qrange_len = quant_max - quant_min + 1
+    if dtype == np.int8 and not 0 < qrange_len <= 256:
+      raise ValueError(f"quant_min/quant_max ({quant_min}, {quant_max}) span more than int8's 256.")
+    if dtype == np.int32 and not 0 < qrange_len <= 2**32:
+      raise ValueError(f"quant_min/quant_max ({quant_min}, {quant_max}) span more than 2**32.")
+    if reduce_range:
+      return quant_min // 2, quant_max // 2
+    return quant_min, quant_max
+  return _INT_RANGES[dtype][1 if reduce_range else 0]
+
+
+class Observer(WithArgs, abc.ABC):
+  """The observer protocol: a frozen config with pure ``init``, ``update``, ``calculate_qparams``.
+
+  Subclasses are ``@dataclasses.dataclass(frozen=True, kw_only=True)``; their fields carry torch's
+  argument names and defaults and hold Python values only, so configs hash and can be jit statics.
+  """
+
+  @abc.abstractmethod
+  def init(self, x) -> Any:
+    """A fresh state for inputs shaped like ``x`` (only ``x.shape``/``x.dtype`` are read)."""
+
+  @abc.abstractmethod
+  def update(self, state, x, *, axis_name=None) -> Any:
+    """The state after observing ``x``; with ``axis_name``, after observing the global batch."""
+
+  def calculate_qparams(self, state) -> QParams:
+    raise QParamsUnavailableError(
+        f"{type(self).__name__} passes tensors through and has no quantization parameters."
+    )
+
+  def replace(self, **changes):
+    """A copy of this config with ``changes`` (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+
+def check_float_input(x, observer: object) -> jax.Array:
+  """``x`` as an array with a real floating dtype, or a TypeError naming the observer."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    x = jnp.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{type(observer).__name__} observes floating-point arrays; got x with dtype {dtype}. "
+        "Cast integer data to float32 first."
+    )
+  return x
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniformObserver(Observer):
+  """Shared config of torch's ``UniformQuantizationObserverBase`` observers."""
+
+  dtype: Any = jnp.uint8
+  qscheme: QScheme = per_tensor_affine
+  reduce_range: bool = False
+  quant_min: int | None = None
+  quant_max: int | None = None
+  eps: float = FLOAT32_EPS
+  is_dynamic: bool = False
+  ignore_nonfinite: bool = False  # True: NaN and +-inf never enter the statistics.
+
+  allowed_qschemes: ClassVar[tuple[QScheme, ...]] = tuple(QScheme)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", canonical_dtype(self.dtype, allowed=UNIFORM_DTYPES))
+    names = ", ".join(q.value for q in self.allowed_qschemes)
+    if not isinstance(self.qscheme, QScheme):
+      raise ValueError(f"qscheme={self.qscheme!r} is not a jo.QScheme; expected one of: {names}.")
+    if self.qscheme not in self.allowed_qschemes:
+      raise NotImplementedError(
+          f"{type(self).__name__} got qscheme={self.qscheme.value!r}; it supports: {names}."
+      )
+    if not isinstance(self.eps, (int, float)) or math.isnan(self.eps):
+      raise ValueError(f"eps={self.eps!r} must be a real number.")
+    if self.has_customized_qrange:
+      for name in ("quant_min", "quant_max"):
+        if not isinstance(getattr(self, name), (int, np.integer)):
+          raise ValueError(f"{name}={getattr(self, name)!r} must be an integer.")
+      if not self.quant_min <= 0 <= self.quant_max:
+        raise ValueError(
+            f"quant_min={self.quant_min}, quant_max={self.quant_max}: the range must include 0."
+        )
+      if self.quant_min >= self.quant_max:
+        raise ValueError(f"quant_min={self.quant_min} must be less than quant_max={self.quant_max}.")
+    self.quant_range  # noqa: B018 -- validates the range eagerly.
+
+  @property
+  def has_customized_qrange(self) -> bool:
+    """torch: both quant_min and quant_max given (one alone is ignored)."""
+    return self.quant_min is not None and self.quant_max is not None
+
+  @property
+  def quant_range(self) -> tuple[int, int]:
+    """The (quant_min, quant_max) torch's observer ends with, after reduce_range."""
+    return calculate_qmin_qmax(
+        self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype, self.reduce_range
+    )

@@ -1,0 +1,49 @@
+"""Float32 arithmetic that rounds exactly where torch rounds.
+
+XLA rewrites ``x / c`` into ``x * (1 / c)`` when ``c`` is a broadcast scalar or a constant, and XLA:CPU
+contracts ``a + b * c`` into one fused multiply-add. Both change the last bit of results that torch
+computes with separate IEEE float32 roundings. The helpers here keep each operation a separate,
+correctly rounded float32 operation, inside and outside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+INT32_MIN = np.int32(np.iinfo(np.int32).min)
+_TWO_POW_31 = np.float32(2.0**31)
+
+
+def exact_div(numerator: jax.Array, divisor) -> jax.Array:
+  """``numerator / divisor`` as one IEEE division, never a reciprocal multiply.
+
+  The divisor is broadcast to the numerator's shape behind an optimization barrier so that XLA's
+  algebraic simplifier cannot turn the division into a multiplication by ``1 / divisor``.
+  """
+  numerator = jnp.asarray(numerator)
+  shape = jnp.broadcast_shapes(numerator.shape, jnp.shape(divisor))
+  divisor = jnp.broadcast_to(jnp.asarray(divisor, numerator.dtype), shape)
+  return jnp.broadcast_to(numerator, shape) / lax.optimization_barrier(divisor)
+
+
+def rounded(value: jax.Array) -> jax.Array:
+  """Returns ``value`` rounded on its own, so a following add cannot fuse with it into an FMA.
+
+  ``where(isnan(v), nan, v)`` is the identity on every float (NaN stays NaN), but it puts a select
+  between the multiply and its consumer, which stops LLVM from contracting them.
+  """
+  return jnp.where(jnp.isnan(value), jnp.asarray(jnp.nan, value.dtype), value)
+
+
+def x86_to_int32(values: jax.Array) -> jax.Array:
+  """float32 -> int32 the way torch's CPU cast does it (``cvttss2si``).
+
+  NaN and values outside the int32 range become ``INT32_MIN`` (JAX would saturate them instead).
+  Values must already be integral (rounded) for the result to equal a truncating cast.
+  """
+  out_of_range = jnp.isnan(values) | (values >= _TWO_POW_31) | (values < -_TWO_POW_31)
+  safe = jnp.where(out_of_range, jnp.zeros_like(values), values)
+  return jnp.where(out_of_range, INT32_MIN, safe.astype(jnp.int32))

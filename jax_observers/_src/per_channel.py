@@ -1,0 +1,110 @@
+r"""Per-channel running min/max: ``PerChannelMinMaxObserver`` and its moving-average variant.
+
+For channel :math:`c` along ``ch_axis``: :math:`m_{t,c} = \min(m_{t-1,c}, \min_{i} x_{t,i,c})`, the
+min over every other axis (and the moving average of :mod:`minmax` per channel). The channel count
+is fixed by ``init``; an input with another count is an error, not a silent broadcast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from jax_observers._src import minmax, qparams
+from jax_observers._src.base import (
+    QParams,
+    per_channel_affine,
+    per_channel_affine_float_qparams,
+    per_channel_symmetric,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerChannelMinMaxObserver(minmax.MinMaxObserver):
+  r"""Running min and max of each channel along ``ch_axis`` (negative values count from the end).
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> obs = jo.PerChannelMinMaxObserver(ch_axis=0, dtype=jnp.int8, qscheme=jo.per_channel_symmetric)
+    >>> w = jnp.array([[-1.0, 0.5], [0.25, 2.0]])
+    >>> scale, zero_point = obs.calculate_qparams(obs.update(obs.init(w), w))
+    >>> [f"{s:.6f}" for s in scale.tolist()], zero_point.tolist()
+    (['0.007843', '0.015686'], [0, 0])
+  """
+
+  ch_axis: int = 0
+  qscheme: object = per_channel_affine
+
+  allowed_qschemes: ClassVar = (
+      per_channel_affine,
+      per_channel_symmetric,
+      per_channel_affine_float_qparams,
+  )
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not isinstance(self.ch_axis, int):
+      raise ValueError(f"ch_axis={self.ch_axis!r} must be an int.")
+    if self.is_dynamic:
+      raise NotImplementedError(f"{type(self).__name__} does not support is_dynamic=True.")
+
+  def channel_axis(self, x) -> int:
+    """``ch_axis`` normalised for ``x``, or a ValueError naming both."""
+    ndim = len(jnp.shape(x))
+    if not -ndim <= self.ch_axis < ndim:
+      raise ValueError(
+          f"ch_axis={self.ch_axis} is out of range for an input of shape {jnp.shape(x)}."
+      )
+    return self.ch_axis % ndim
+
+  def state_shape(self, x) -> tuple[int, ...]:
+    return (jnp.shape(x)[self.channel_axis(x)],)
+
+  def reduce_axes(self, x) -> tuple[int, ...]:
+    axis = self.channel_axis(x)
+    return tuple(i for i in range(len(jnp.shape(x))) if i != axis)
+
+  def check_state(self, state: minmax.MinMaxState, x) -> minmax.MinMaxState:
+    expected = self.state_shape(x)
+    shape = jnp.shape(state.min_val)
+    if shape == (0,):  # torch's never-observed buffers, e.g. from a loaded torch state_dict.
+      return minmax.fresh_state(expected)
+    if shape != expected:
+      raise ValueError(
+          f"{type(self).__name__}(ch_axis={self.ch_axis}) has state for {shape} channels but x "
+          f"of shape {jnp.shape(x)} has {expected[0]}; build a new state with init(x)."
+      )
+    return state
+
+  def calculate_qparams(self, state: minmax.MinMaxState) -> QParams:
+    if jnp.shape(state.min_val) == (0,):
+      return qparams.default_qparams(
+          (1,), self.qscheme == per_channel_affine_float_qparams
+      )
+    return qparams.calculate_qparams(state.min_val, state.max_val, self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
+  r"""Per-channel exponential moving average of the min and max, :math:`m + c(\min x - m)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> obs = jo.MovingAveragePerChannelMinMaxObserver(averaging_constant=0.5, ch_axis=1)
+    >>> state = obs.init(jnp.zeros((3, 2)))
+    >>> for scale in (1.0, 3.0):
+    ...   state = obs.update(state, scale * jnp.array([[-1.0, 0.0], [0.0, 2.0]]))
+    >>> state.min_val.tolist(), state.max_val.tolist()
+    ([-2.0, 0.0], [0.0, 4.0])
+  """
+
+  averaging_constant: float = 0.01
+
+  def __post_init__(self):
+    super().__post_init__()
+    minmax.check_averaging_constant(self.averaging_constant)
+
+  def accumulate(self, state: minmax.MinMaxState, lo, hi) -> minmax.MinMaxState:
+    return minmax.moving_average(state, lo, hi, self.averaging_constant)
