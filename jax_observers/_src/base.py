@@ -59,15 +59,15 @@ class QParamsUnavailableError(RuntimeError):
 
 # Default (quant_min, quant_max) per dtype, and with reduce_range: torch's calculate_qmin_qmax.
 _INT_RANGES = {
-    np.dtype(jnp.int8): ((-128, 127), (-64, 63)),
-    np.dtype(jnp.uint8): ((0, 255), (0, 127)),
-    np.dtype(jnp.int32): ((-(2**31), 2**31 - 1),) * 2,
-    np.dtype(jnp.int16): ((-(2**15), 2**15 - 1),) * 2,
-    np.dtype(jnp.uint16): ((0, 2**16 - 1),) * 2,
-    np.dtype(jnp.uint4): ((0, 15),) * 2,  # torch.quint4x2
-    # torch gives float8 dtypes the quint4x2 integer range (0, 15); kept for parity.
-    np.dtype(jnp.float8_e4m3fn): ((0, 15),) * 2,
-    np.dtype(jnp.float8_e5m2): ((0, 15),) * 2,
+  np.dtype(jnp.int8): ((-128, 127), (-64, 63)),
+  np.dtype(jnp.uint8): ((0, 255), (0, 127)),
+  np.dtype(jnp.int32): ((-(2**31), 2**31 - 1),) * 2,
+  np.dtype(jnp.int16): ((-(2**15), 2**15 - 1),) * 2,
+  np.dtype(jnp.uint16): ((0, 2**16 - 1),) * 2,
+  np.dtype(jnp.uint4): ((0, 15),) * 2,  # torch.quint4x2
+  # torch gives float8 dtypes the quint4x2 integer range (0, 15); kept for parity.
+  np.dtype(jnp.float8_e4m3fn): ((0, 15),) * 2,
+  np.dtype(jnp.float8_e5m2): ((0, 15),) * 2,
 }
 UNIFORM_DTYPES = tuple(_INT_RANGES)
 
@@ -115,7 +115,7 @@ class Observer(WithArgs, abc.ABC):
 
   def calculate_qparams(self, state) -> QParams:
     raise QParamsUnavailableError(
-        f"{type(self).__name__} passes tensors through and has no quantization parameters."
+      f"{type(self).__name__} passes tensors through and has no quantization parameters."
     )
 
   def replace(self, **changes):
@@ -131,8 +131,8 @@ def check_float_input(x, observer: object) -> jax.Array:
     dtype = x.dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f"{type(observer).__name__} observes floating-point arrays; got x with dtype {dtype}. "
-        "Cast integer data to float32 first."
+      f"{type(observer).__name__} observes floating-point arrays; got x with dtype {dtype}. "
+      "Cast integer data to float32 first."
     )
   return x
 
@@ -159,7 +159,7 @@ class UniformObserver(Observer):
       raise ValueError(f"qscheme={self.qscheme!r} is not a jo.QScheme; expected one of: {names}.")
     if self.qscheme not in self.allowed_qschemes:
       raise NotImplementedError(
-          f"{type(self).__name__} got qscheme={self.qscheme.value!r}; it supports: {names}."
+        f"{type(self).__name__} got qscheme={self.qscheme.value!r}; it supports: {names}."
       )
     if not isinstance(self.eps, (int, float)) or math.isnan(self.eps):
       raise ValueError(f"eps={self.eps!r} must be a real number.")
@@ -169,10 +169,12 @@ class UniformObserver(Observer):
           raise ValueError(f"{name}={getattr(self, name)!r} must be an integer.")
       if not self.quant_min <= 0 <= self.quant_max:
         raise ValueError(
-            f"quant_min={self.quant_min}, quant_max={self.quant_max}: the range must include 0."
+          f"quant_min={self.quant_min}, quant_max={self.quant_max}: the range must include 0."
         )
       if self.quant_min >= self.quant_max:
-        raise ValueError(f"quant_min={self.quant_min} must be less than quant_max={self.quant_max}.")
+        raise ValueError(
+          f"quant_min={self.quant_min} must be less than quant_max={self.quant_max}."
+        )
     self.quant_range  # noqa: B018 -- validates the range eagerly.
 
   @property
@@ -184,5 +186,5 @@ class UniformObserver(Observer):
   def quant_range(self) -> tuple[int, int]:
     """The (quant_min, quant_max) torch's observer ends with, after reduce_range."""
     return calculate_qmin_qmax(
-        self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype, self.reduce_range
+      self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype, self.reduce_range
     )

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from jax_observers._src.base import (
-    Observer,
-    QParams,
-    QScheme,
-    canonical_dtype,
-    per_tensor_affine,
+  Observer,
+  QParams,
+  QScheme,
+  canonical_dtype,
+  per_tensor_affine,
 )
 
 
@@ -63,7 +63,7 @@ class FixedQParamsObserver(Observer):
 
   def init(self, x=None) -> FixedQParamsState:
     return FixedQParamsState(
-        scale=jnp.asarray(self.scale, jnp.float32), zero_point=jnp.asarray(self.zero_point, jnp.int32)
+      scale=jnp.asarray(self.scale, jnp.float32), zero_point=jnp.asarray(self.zero_point, jnp.int32)
     )
 
   def update(self, state: FixedQParamsState, x=None, *, axis_name=None) -> FixedQParamsState:

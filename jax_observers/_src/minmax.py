@@ -21,11 +21,11 @@ from flax import struct
 
 from jax_observers._src import numerics, qparams
 from jax_observers._src.base import (
-    QParams,
-    UniformObserver,
-    check_float_input,
-    per_tensor_affine,
-    per_tensor_symmetric,
+  QParams,
+  UniformObserver,
+  check_float_input,
+  per_tensor_affine,
+  per_tensor_symmetric,
 )
 from jax_observers._src.reduce import batch_min_max
 
@@ -39,7 +39,7 @@ class MinMaxState(struct.PyTreeNode):
 
 def fresh_state(shape) -> MinMaxState:
   return MinMaxState(
-      min_val=jnp.full(shape, jnp.inf, jnp.float32), max_val=jnp.full(shape, -jnp.inf, jnp.float32)
+    min_val=jnp.full(shape, jnp.inf, jnp.float32), max_val=jnp.full(shape, -jnp.inf, jnp.float32)
   )
 
 
@@ -64,8 +64,8 @@ def moving_average(state: MinMaxState, lo, hi, averaging_constant: float) -> Min
 
   seen = lo <= hi
   return MinMaxState(
-      min_val=jnp.where(seen, step(state.min_val, lo), state.min_val),
-      max_val=jnp.where(seen, step(state.max_val, hi), state.max_val),
+    min_val=jnp.where(seen, step(state.min_val, lo), state.min_val),
+    max_val=jnp.where(seen, step(state.max_val, hi), state.max_val),
   )
 
 
@@ -111,21 +111,21 @@ class MinMaxObserver(UniformObserver):
     if x.size == 0:
       return state
     lo, hi = batch_min_max(
-        x, self.reduce_axes(x), ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
+      x, self.reduce_axes(x), ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
     )
     return self.accumulate(state, lo, hi)
 
   def check_state(self, state: MinMaxState, x) -> MinMaxState:
     if jnp.shape(state.min_val) != ():
       raise ValueError(
-          f"{type(self).__name__} keeps a scalar range; got a state with min_val shape "
-          f"{jnp.shape(state.min_val)}."
+        f"{type(self).__name__} keeps a scalar range; got a state with min_val shape "
+        f"{jnp.shape(state.min_val)}."
       )
     return state
 
   def accumulate(self, state: MinMaxState, lo, hi) -> MinMaxState:
     return MinMaxState(
-        min_val=jnp.minimum(state.min_val, lo), max_val=jnp.maximum(state.max_val, hi)
+      min_val=jnp.minimum(state.min_val, lo), max_val=jnp.maximum(state.max_val, hi)
     )
 
   def calculate_qparams(self, state: MinMaxState) -> QParams:
@@ -157,7 +157,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     c = check_averaging_constant(self.averaging_constant)
     if self.is_dynamic and c != 1:
       raise NotImplementedError(
-          f"is_dynamic=True needs averaging_constant=1, got averaging_constant={c}."
+        f"is_dynamic=True needs averaging_constant=1, got averaging_constant={c}."
       )
 
   def accumulate(self, state: MinMaxState, lo, hi) -> MinMaxState:

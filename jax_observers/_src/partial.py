@@ -44,7 +44,7 @@ class PartialConfig:
     for name, _ in self.keywords + self.callable_args:
       if name not in allowed:
         raise TypeError(
-            f"{self.root.__name__} has no argument {name!r}; expected one of {sorted(allowed)}."
+          f"{self.root.__name__} has no argument {name!r}; expected one of {sorted(allowed)}."
         )
     for name, fn in self.callable_args:
       if not callable(fn):

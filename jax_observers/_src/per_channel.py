@@ -14,10 +14,10 @@ import jax.numpy as jnp
 
 from jax_observers._src import minmax, qparams
 from jax_observers._src.base import (
-    QParams,
-    per_channel_affine,
-    per_channel_affine_float_qparams,
-    per_channel_symmetric,
+  QParams,
+  per_channel_affine,
+  per_channel_affine_float_qparams,
+  per_channel_symmetric,
 )
 
 
@@ -38,9 +38,9 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
   qscheme: object = per_channel_affine
 
   allowed_qschemes: ClassVar = (
-      per_channel_affine,
-      per_channel_symmetric,
-      per_channel_affine_float_qparams,
+    per_channel_affine,
+    per_channel_symmetric,
+    per_channel_affine_float_qparams,
   )
 
   def __post_init__(self):
@@ -55,7 +55,7 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
     ndim = len(jnp.shape(x))
     if not -ndim <= self.ch_axis < ndim:
       raise ValueError(
-          f"ch_axis={self.ch_axis} is out of range for an input of shape {jnp.shape(x)}."
+        f"ch_axis={self.ch_axis} is out of range for an input of shape {jnp.shape(x)}."
       )
     return self.ch_axis % ndim
 
@@ -73,16 +73,14 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
       return minmax.fresh_state(expected)
     if shape != expected:
       raise ValueError(
-          f"{type(self).__name__}(ch_axis={self.ch_axis}) has state for {shape} channels but x "
-          f"of shape {jnp.shape(x)} has {expected[0]}; build a new state with init(x)."
+        f"{type(self).__name__}(ch_axis={self.ch_axis}) has state for {shape} channels but x "
+        f"of shape {jnp.shape(x)} has {expected[0]}; build a new state with init(x)."
       )
     return state
 
   def calculate_qparams(self, state: minmax.MinMaxState) -> QParams:
     if jnp.shape(state.min_val) == (0,):
-      return qparams.default_qparams(
-          (1,), self.qscheme == per_channel_affine_float_qparams
-      )
+      return qparams.default_qparams((1,), self.qscheme == per_channel_affine_float_qparams)
     return qparams.calculate_qparams(state.min_val, state.max_val, self)
 
 

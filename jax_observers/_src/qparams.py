@@ -47,7 +47,7 @@ def calculate_qparams(min_val, max_val, observer) -> QParams:
     max_pos = jnp.maximum(-min_neg, max_pos)
     scale = jnp.maximum(numerics.exact_div(max_pos, np.float32((qmax - qmin) / 2)), eps)
     zp = symmetric_zero_point(
-        observer.dtype, (qmin, qmax), observer.has_customized_qrange, observer.reduce_range
+      observer.dtype, (qmin, qmax), observer.has_customized_qrange, observer.reduce_range
     )
     zero_point = jnp.full(scale.shape, zp, jnp.int32)
   elif qscheme == QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS:
@@ -60,14 +60,14 @@ def calculate_qparams(min_val, max_val, observer) -> QParams:
     zero_point = jnp.clip(np.int32(qmin) - rounded, np.int32(qmin), np.int32(qmax))
   seen = ~((min_val == jnp.inf) & (max_val == -jnp.inf))
   return QParams(
-      scale=jnp.where(seen, scale, jnp.float32(1.0)),
-      zero_point=jnp.where(seen, zero_point, jnp.zeros_like(zero_point)),
+    scale=jnp.where(seen, scale, jnp.float32(1.0)),
+    zero_point=jnp.where(seen, zero_point, jnp.zeros_like(zero_point)),
   )
 
 
 def default_qparams(shape, float_zero_point: bool = False) -> QParams:
   """torch's ``(tensor([1.]), tensor([0]))`` for an observer that saw nothing."""
   return QParams(
-      scale=jnp.ones(shape, jnp.float32),
-      zero_point=jnp.zeros(shape, jnp.float32 if float_zero_point else jnp.int32),
+    scale=jnp.ones(shape, jnp.float32),
+    zero_point=jnp.zeros(shape, jnp.float32 if float_zero_point else jnp.int32),
   )

@@ -22,7 +22,9 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 class RecordingState(struct.PyTreeNode):
-  tensor_val: jax.Array  # shape (capacity, *x.shape), the input dtype; slot count % capacity is next.
+  tensor_val: (
+    jax.Array
+  )  # shape (capacity, *x.shape), the input dtype; slot count % capacity is next.
   count: jax.Array  # shape (), int32; arrays recorded so far, saturating at 2**31 - 1.
 
 
@@ -54,7 +56,7 @@ class RecordingObserver(Observer):
   def init(self, x) -> RecordingState:
     shape, dtype = jnp.shape(x), getattr(x, "dtype", jnp.result_type(x))
     return RecordingState(
-        tensor_val=jnp.zeros((self.capacity, *shape), dtype), count=jnp.zeros((), jnp.int32)
+      tensor_val=jnp.zeros((self.capacity, *shape), dtype), count=jnp.zeros((), jnp.int32)
     )
 
   def update(self, state: RecordingState, x, *, axis_name=None) -> RecordingState:
@@ -64,13 +66,13 @@ class RecordingObserver(Observer):
     expected = state.tensor_val.shape[1:]
     if x.shape != expected:
       raise ValueError(
-          f"RecordingObserver was initialised for arrays of shape {expected}; got x of shape "
-          f"{x.shape}."
+        f"RecordingObserver was initialised for arrays of shape {expected}; got x of shape "
+        f"{x.shape}."
       )
     slot = state.count % self.capacity
     return RecordingState(
-        tensor_val=state.tensor_val.at[slot].set(x.astype(state.tensor_val.dtype)),
-        count=jnp.minimum(state.count, _INT32_MAX - 1) + 1,
+      tensor_val=state.tensor_val.at[slot].set(x.astype(state.tensor_val.dtype)),
+      count=jnp.minimum(state.count, _INT32_MAX - 1) + 1,
     )
 
   def get_tensor_value(self, state: RecordingState) -> list[np.ndarray]:

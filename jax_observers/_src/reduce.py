@@ -19,11 +19,11 @@ from jax import lax
 
 
 def batch_min_max(
-    x: jax.Array,
-    axes: Sequence[int] | None,
-    *,
-    ignore_nonfinite: bool,
-    axis_name=None,
+  x: jax.Array,
+  axes: Sequence[int] | None,
+  *,
+  ignore_nonfinite: bool,
+  axis_name=None,
 ) -> tuple[jax.Array, jax.Array]:
   """float32 ``(min, max)`` of ``x`` over ``axes`` (None: all), skipping NaN (and +-inf).
 
@@ -39,8 +39,8 @@ def batch_min_max(
     keep = ~skip(x)
     inf = jnp.asarray(jnp.inf, x.dtype)
     return (
-        jnp.min(jnp.where(keep, x, inf), axis=axes),
-        jnp.max(jnp.where(keep, x, -inf), axis=axes),
+      jnp.min(jnp.where(keep, x, inf), axis=axes),
+      jnp.max(jnp.where(keep, x, -inf), axis=axes),
     )
 
   lo, hi = lax.cond(jnp.any(skip(lo) | skip(hi)), masked, lambda _: (lo, hi), None)

@@ -88,37 +88,37 @@ def _minmax_from_dict(observer, d, *, strict, example):
   eps, min_val, max_val = _take(d, ("eps", "min_val", "max_val"), observer, strict)
   if strict and np.float32(eps.reshape(-1)[0]) != np.float32(observer.eps):
     raise ValueError(
-        f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from the observer's "
-        f"eps={observer.eps!r}; build the observer with that eps or pass strict=False."
+      f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from the observer's "
+      f"eps={observer.eps!r}; build the observer with that eps or pass strict=False."
     )
   per_channel = isinstance(observer, PerChannelMinMaxObserver)
   for name, value in (("min_val", min_val), ("max_val", max_val)):
     if (value.ndim != 1) if per_channel else (value.size != 1):
       raise ValueError(
-          f"{type(observer).__name__} expects {name} of shape {'(C,)' if per_channel else '()'}, "
-          f"got {value.shape}."
+        f"{type(observer).__name__} expects {name} of shape {'(C,)' if per_channel else '()'}, "
+        f"got {value.shape}."
       )
   if min_val.shape != max_val.shape:
     raise ValueError(f"min_val {min_val.shape} and max_val {max_val.shape} differ in shape.")
   shape = min_val.shape if per_channel else ()
   return minmax.MinMaxState(
-      min_val=np.asarray(min_val, np.float32).reshape(shape),
-      max_val=np.asarray(max_val, np.float32).reshape(shape),
+    min_val=np.asarray(min_val, np.float32).reshape(shape),
+    max_val=np.asarray(max_val, np.float32).reshape(shape),
   )
 
 
 def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
   return {
-      "scale": np.asarray(state.scale, np.float32).reshape(1),
-      "zero_point": np.asarray(state.zero_point, np.int32).reshape(1),
+    "scale": np.asarray(state.scale, np.float32).reshape(1),
+    "zero_point": np.asarray(state.zero_point, np.int32).reshape(1),
   }
 
 
 def _fixed_from_dict(observer, d, *, strict, example):
   scale, zero_point = _take(d, ("scale", "zero_point"), observer, strict)
   return FixedQParamsState(
-      scale=np.asarray(scale, np.float32).reshape(()),
-      zero_point=np.asarray(zero_point, np.int32).reshape(()),
+    scale=np.asarray(scale, np.float32).reshape(()),
+    zero_point=np.asarray(zero_point, np.int32).reshape(()),
   )
 
 
