@@ -65,7 +65,7 @@ def test_random_configs_and_inputs_match_torch(cls, jit):
 def test_reference_edge_cases_match_torch(x, kw):
   obs = jo.MinMaxObserver(**kw)
   batch = np.array(x, np.float32)
-  state, (scale, zero_point) = run(obs, [batch], jit=True)
+  _state, (scale, zero_point) = run(obs, [batch], jit=True)
   _, t_scale, t_zp = torch_run(obs, [batch])
   assert_same(scale, t_scale)
   assert_same(zero_point, t_zp)

@@ -91,7 +91,7 @@ def test_nan_in_one_channel_leaves_the_others_exact():
   assert_same(state.min_val[:2], [x[0].min(), np.nanmin(dirty[1])])
   assert state.min_val[2] == np.inf and state.max_val[2] == -np.inf  # channel 2 saw nothing
   assert float(scale[2]) == 1.0 and int(zero_point[2]) == 0  # torch's default for no data
-  _, t_scale, t_zp = torch_run(obs, [x[:2]])
+  _, t_scale, _t_zp = torch_run(obs, [x[:2]])
   assert_same(scale[:2], t_scale)
 
 
