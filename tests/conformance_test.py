@@ -82,7 +82,7 @@ def test_jit_equals_eager_and_compiles_once(obs, shape):
 
 @pytest.mark.parametrize("obs, shape", CASES)
 def test_vmap_over_a_stack_of_states_equals_a_loop(obs, shape):
-  stacks = [np.stack(b) for b in zip(*(batches(shape, seed=s) for s in range(4)))]
+  stacks = [np.stack(b) for b in zip(*(batches(shape, seed=s) for s in range(4)), strict=True)]
   states = jax.vmap(obs.init)(stacks[0])
   for x in stacks:
     states = jax.jit(jax.vmap(obs.update))(states, x)
