@@ -57,6 +57,11 @@ class PlaceholderObserver(_Stateless):
     if self.eps is None:
       object.__setattr__(self, "eps", FLOAT32_EPS)
 
+  @property
+  def quant_range(self) -> tuple[int | None, int | None]:
+    """(quant_min, quant_max) as given; a placeholder computes nothing from them."""
+    return self.quant_min, self.quant_max
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NoopObserver(_Stateless):

@@ -43,7 +43,7 @@ def _numpy(value) -> np.ndarray:
 
 
 def state_dict(observer: Observer, state) -> dict[str, np.ndarray]:
-  """The observer's state as torch's ``state_dict()`` would hold it, as NumPy arrays."""
+  """The observer's state as torch's ``state_dict()`` would hold it, as writable NumPy arrays."""
   return _to_dict(observer, state)
 
 
@@ -76,8 +76,8 @@ def _take(d: dict, keys: tuple[str, ...], observer, strict: bool) -> list[np.nda
 
 
 def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
-  min_val = np.asarray(state.min_val, np.float32)
-  max_val = np.asarray(state.max_val, np.float32)
+  min_val = np.array(state.min_val, np.float32)
+  max_val = np.array(state.max_val, np.float32)
   fresh = min_val.ndim == 1 and np.all(min_val == np.inf) and np.all(max_val == -np.inf)
   if fresh:  # torch's per-channel observers start from empty [0] buffers.
     min_val, max_val = np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -109,8 +109,8 @@ def _minmax_from_dict(observer, d, *, strict, example):
 
 def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
   return {
-    "scale": np.asarray(state.scale, np.float32).reshape(1),
-    "zero_point": np.asarray(state.zero_point, np.int32).reshape(1),
+    "scale": np.array(state.scale, np.float32).reshape(1),
+    "zero_point": np.array(state.zero_point, np.int32).reshape(1),
   }
 
 
@@ -132,7 +132,7 @@ def _empty_from_dict(observer, d, *, strict, example):
 
 
 def _recording_to_dict(observer, state) -> dict[str, np.ndarray]:
-  return {"tensor_val": np.asarray(state.tensor_val), "count": np.asarray(state.count, np.int32)}
+  return {"tensor_val": np.array(state.tensor_val), "count": np.array(state.count, np.int32)}
 
 
 def _recording_from_dict(observer, d, *, strict, example):
