@@ -1,0 +1,169 @@
+r"""torch's histogram arithmetic in float32: ``histc``, ``linspace`` and ``_upscale_histogram``.
+
+``histc(x, bins, L, R)`` puts every finite :math:`x \in [L, R]` in bin
+
+.. math::
+   p(x) = \min\Big(\Big\lfloor \frac{f_{32}((x - L) \cdot n)}{R - L} \Big\rfloor, n - 1\Big),
+
+each operation one float32 rounding, as torch's CPU kernel does. ``linspace`` reproduces torch's
+x86 build, whose points are single-rounding fused multiply-adds
+:math:`v_i = \mathrm{fma}(s, i, a)` for :math:`i < n/2` and :math:`\mathrm{fma}(-s, n-1-i, b)`
+above; XLA has no FMA operation, so :func:`fma` emulates one exactly in float32 (Boldo and
+Melquiond's round-to-odd algorithm). ``upscale`` is torch's zero-order-hold re-binning.
+
+References:
+  S. Boldo, G. Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
+  rounding to odd", IEEE Trans. Computers 57(4), 2008.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_observers._src import numerics
+
+_SPLITTER = np.float32(4097.0)  # 2**12 + 1: Veltkamp's splitter for 24-bit significands.
+_CHUNK = 1 << 18  # elements per scatter; XLA:CPU runs independent scatters in parallel.
+_MAX_CHUNKS = 32
+
+
+def _two_sum(a, b):
+  """``a + b = s + e`` exactly (Knuth)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a):
+  c = numerics.rounded(_SPLITTER * a)
+  hi = c - (c - a)
+  return hi, a - hi
+
+
+def _two_prod(a, b):
+  """``a * b = p + e`` exactly (Dekker), products kept apart from the adds (no FMA)."""
+  p = numerics.rounded(a * b)
+  ah, al = _split(a)
+  bh, bl = _split(b)
+  e = numerics.rounded(ah * bh) - p
+  e = e + numerics.rounded(ah * bl)
+  e = e + numerics.rounded(al * bh)
+  return p, e + numerics.rounded(al * bl)
+
+
+def _add_round_to_odd(a, b):
+  """``a + b`` rounded to odd: truncated, with the last significand bit set when inexact."""
+  s, e = _two_sum(a, b)
+  even = (lax.bitcast_convert_type(s, jnp.int32) & 1) == 0
+  away = jnp.nextafter(s, jnp.where(e > 0, jnp.float32(jnp.inf), jnp.float32(-jnp.inf)))
+  return jnp.where((e != 0) & even, away, s)
+
+
+def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+  """``a * b + c`` with a single float32 rounding (no overflow or underflow assumed)."""
+  p, pe = _two_prod(a, b)
+  s, se = _two_sum(c, p)
+  return s + _add_round_to_odd(se, pe)
+
+
+def linspace(start: jax.Array, end: jax.Array, num: int) -> jax.Array:
+  """torch's CPU float32 ``torch.linspace(start, end, num)``, bit for bit."""
+  start = jnp.asarray(start, jnp.float32)
+  end = jnp.asarray(end, jnp.float32)
+  if num == 1:
+    return start[None]
+  step = numerics.exact_div(end - start, np.float32(num - 1))
+  i = np.arange(num)
+  lower = i < num // 2
+  factor = jnp.asarray(np.where(lower, i, num - 1 - i).astype(np.float32))
+  sign_step = jnp.where(jnp.asarray(lower), step, -step)
+  origin = jnp.where(jnp.asarray(lower), start, end)
+  return fma(sign_step, factor, origin)
+
+
+def histc_edges(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The ``(L, R)`` histc bins between: ``(lo - 1, hi + 1)`` when ``lo == hi``."""
+  same = lo == hi
+  return jnp.where(same, lo - 1, lo), jnp.where(same, hi + 1, hi)
+
+
+def histc_positions(x: jax.Array, keep: jax.Array, bins: int, lo, hi) -> jax.Array:
+  """Bin index of each element of float32 ``x`` in ``histc(x, bins, lo, hi)``; ``bins`` if skipped.
+
+  ``lo``/``hi`` broadcast against ``x`` (per-channel ranges); ``keep`` masks elements out.
+  """
+  left, right = histc_edges(lo, hi)
+  scaled = (x - left) * np.float32(bins)
+  pos = numerics.exact_div(scaled, jnp.broadcast_to(right - left, x.shape))
+  inside = keep & (x >= left) & (x <= right)
+  pos = jnp.minimum(jnp.where(inside, pos, 0).astype(jnp.int32), bins - 1)
+  return jnp.where(inside, pos, bins)
+
+
+def count(positions: jax.Array, length: int) -> jax.Array:
+  """int32 counts of ``positions`` (values in ``[0, length]``, ``length`` = discarded) -> [length].
+
+  The scatter is cut into independent chunks: one XLA:CPU scatter over millions of indices is
+  several times slower than a few over a quarter million each.
+  """
+  positions = positions.reshape(-1)
+  n = positions.size
+  chunks = min(max(-(-n // _CHUNK), 1), _MAX_CHUNKS)
+  size = -(-n // chunks)
+  padded = jnp.pad(positions, (0, size * chunks - n), constant_values=length)
+  total = jnp.zeros(length + 1, jnp.int32)
+  for k in range(chunks):
+    part = lax.dynamic_slice_in_dim(padded, k * size, size)
+    total = total + jnp.zeros(length + 1, jnp.int32).at[part].add(1, mode="promise_in_bounds")
+  return total[:length]
+
+
+def histc(x: jax.Array, keep: jax.Array, bins: int, lo, hi) -> jax.Array:
+  """torch's ``histc(x[keep], bins, min=lo, max=hi)`` as float32 counts (exact integers)."""
+  return count(histc_positions(x, keep, bins, lo, hi), bins).astype(jnp.float32)
+
+
+def upscale(
+  hist: jax.Array, orig_min, orig_max, new_min, new_max, *, upsample_rate: int = 16
+) -> jax.Array:
+  """torch's ``_upscale_histogram``: re-bin ``hist`` from ``[orig_min, orig_max]`` into new edges.
+
+  Every source bin is cut into ``upsample_rate`` equal sub-bins; each sub-bin's mass goes to the new
+  bin that holds its midpoint (``bucketize(..., right=True) - 1``, clipped), summed in index order
+  as ``torch.bincount`` does.
+  """
+  bins = hist.shape[-1]
+  fine = bins * upsample_rate
+  weights = jnp.repeat(hist, upsample_rate) / np.float32(upsample_rate)
+  sub_width = numerics.exact_div(orig_max - orig_min, np.float32(fine))
+  mids = linspace(orig_min, orig_max, fine + 1)[:-1] + np.float32(0.5) * sub_width
+  bounds = linspace(new_min, new_max, bins + 1)
+  idx = jnp.searchsorted(bounds, mids, side="right") - 1
+  idx = jnp.clip(idx, 0, bins - 1)
+  return jnp.zeros(bins, jnp.float32).at[idx].add(weights)
+
+
+def merge(hist, old_lo, old_hi, update, new_lo, new_hi, *, upsample_rate: int = 16) -> jax.Array:
+  """torch's ``forward`` after the first batch: the old histogram on the new range, plus ``update``.
+
+  Same range: ``hist + update``. Old range a single point (a constant first batch): all old mass
+  moves to the bin histc gives that point. Otherwise ``update + upscale(hist)``.
+  """
+  bins = hist.shape[-1]
+
+  def add():
+    return hist + update
+
+  def from_point():
+    pos = histc_positions(old_lo[None], jnp.ones((1,), bool), bins, new_lo, new_hi)
+    return (jnp.arange(bins) == pos).astype(jnp.float32) * jnp.sum(hist) + update
+
+  def resample():
+    return update + upscale(hist, old_lo, old_hi, new_lo, new_hi, upsample_rate=upsample_rate)
+
+  same = (new_lo == old_lo) & (new_hi == old_hi)
+  branch = jnp.where(same, 0, jnp.where(old_lo == old_hi, 1, 2))
+  return lax.switch(branch, (add, from_point, resample))
