@@ -1,5 +1,6 @@
 """jax_observers: quantization observers for JAX and Flax, bit-exact with torch.ao.quantization."""
 
+from jax_observers import linen, nnx
 from jax_observers._src.base import (
   FLOAT32_EPS,
   Observer,
@@ -84,7 +85,9 @@ __all__ = [
   "default_reuse_input_observer",
   "default_symmetric_fixed_qparams_observer",
   "default_weight_observer",
+  "linen",
   "load_state_dict",
+  "nnx",
   "per_channel_affine",
   "per_channel_affine_float_qparams",
   "per_channel_symmetric",
