@@ -3,7 +3,6 @@
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import jax_observers as jo
