@@ -15,7 +15,14 @@ from jax_observers._src.base import (
   per_tensor_affine,
   per_tensor_symmetric,
 )
+from jax_observers._src.calibrators import (
+  HistogramEntropyObserver,
+  HistogramMSEObserver,
+  HistogramPercentileObserver,
+)
 from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
+from jax_observers._src.hist_accumulate import HistogramState
+from jax_observers._src.histogram import HistogramObserver, default_histogram_observer
 from jax_observers._src.minmax import MinMaxObserver, MinMaxState, MovingAverageMinMaxObserver
 from jax_observers._src.partial import PartialConfig
 from jax_observers._src.per_channel import (
@@ -55,6 +62,11 @@ __all__ = [
   "FLOAT32_EPS",
   "FixedQParamsObserver",
   "FixedQParamsState",
+  "HistogramEntropyObserver",
+  "HistogramMSEObserver",
+  "HistogramObserver",
+  "HistogramPercentileObserver",
+  "HistogramState",
   "MinMaxObserver",
   "MinMaxState",
   "MovingAverageMinMaxObserver",
@@ -77,6 +89,7 @@ __all__ = [
   "default_dynamic_quant_observer",
   "default_fixed_qparams_range_0to1_observer",
   "default_fixed_qparams_range_neg1to1_observer",
+  "default_histogram_observer",
   "default_float_qparams_observer",
   "default_float_qparams_observer_4bit",
   "default_observer",

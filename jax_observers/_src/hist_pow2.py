@@ -102,7 +102,7 @@ def regrid(hist: jax.Array, g_old, o_old, g_new, o_new) -> jax.Array:
 
   def body(carry):
     t, h, o = carry
-    pairs = h.reshape(h.shape[:-1] + (half, 2))
+    pairs = h.reshape((*h.shape[:-1], half, 2))
     merged = saturating_add(pairs[..., 0], pairs[..., 1])
     z_half = jnp.zeros(merged.shape, merged.dtype)
     z_quarter = z_half[..., :quarter]

@@ -113,11 +113,12 @@ def count(positions: jax.Array, length: int) -> jax.Array:
   n = positions.size
   chunks = min(max(-(-n // _CHUNK), 1), _MAX_CHUNKS)
   size = -(-n // chunks)
-  padded = jnp.pad(positions, (0, size * chunks - n), constant_values=length)
-  total = jnp.zeros(length + 1, jnp.int32)
-  for k in range(chunks):
-    part = lax.dynamic_slice_in_dim(padded, k * size, size)
-    total = total + jnp.zeros(length + 1, jnp.int32).at[part].add(1, mode="promise_in_bounds")
+  if size * chunks != n:
+    positions = jnp.pad(positions, (0, size * chunks - n), constant_values=length)
+  parts = positions.reshape(chunks, size)
+  empty = jnp.zeros(length + 1, jnp.int32)
+  counts = [empty.at[parts[k]].add(1, mode="promise_in_bounds") for k in range(chunks)]
+  total = jnp.sum(jnp.stack(counts), axis=0)
   return total[:length]
 
 

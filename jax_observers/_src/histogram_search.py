@@ -101,19 +101,19 @@ def l2_search(
   ka = kb = 0
   start, end, norm_min = 0, bins - 1, math.inf
   while alpha[ka] < beta[kb]:
-    l = int(np.searchsorted(csum, _F32(alpha[ka + 1] * total), side="left"))
-    r = int(np.searchsorted(csum, _F32(beta[kb + 1] * total), side="right")) - 1
-    l, r = min(max(l, start), end), min(max(r, start), end)
-    if l - start > end - r:
-      next_start, next_end = l, end
+    left = int(np.searchsorted(csum, _F32(alpha[ka + 1] * total), side="left"))
+    right = int(np.searchsorted(csum, _F32(beta[kb + 1] * total), side="right")) - 1
+    left, right = min(max(left, start), end), min(max(right, start), end)
+    if left - start > end - right:
+      next_start, next_end = left, end
       ka += 1
     else:
-      next_start, next_end = start, r
+      next_start, next_end = start, right
       kb += 1
     if (next_start, next_end) == (start, end):
-      kb = max(kb, _skip_idle_steps(csum, total, ka, kb, end) if end > start else kb)
       if end == start:  # nothing can move: torch spins until alpha >= beta.
         break
+      kb = _skip_idle_steps(csum, total, ka, kb, end)
       continue
     norm = quantization_error(hist, double_width, next_start, next_end, dst_nbins)
     if norm > norm_min:
