@@ -14,6 +14,7 @@ import numpy as np
 from flax import struct
 
 from jax_observers._src.partial import WithArgs
+from jax_observers._src.readable import ReadableRepr
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.1920928955078125e-07, torch's default eps
 
@@ -43,7 +44,7 @@ per_channel_symmetric = QScheme.PER_CHANNEL_SYMMETRIC
 per_channel_affine_float_qparams = QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS
 
 
-class QParams(struct.PyTreeNode):
+class QParams(ReadableRepr, struct.PyTreeNode, repr=False):
   """``scale`` and ``zero_point``; unpacks like torch's ``(scale, zero_point)`` tuple."""
 
   scale: jax.Array  # shape () per tensor or (C,) per channel, float32.

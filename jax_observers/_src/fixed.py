@@ -17,9 +17,10 @@ from jax_observers._src.base import (
   canonical_dtype,
   per_tensor_affine,
 )
+from jax_observers._src.readable import ReadableRepr
 
 
-class FixedQParamsState(struct.PyTreeNode):
+class FixedQParamsState(ReadableRepr, struct.PyTreeNode, repr=False):
   """torch keeps the fixed parameters as buffers; so do we (they travel in state dicts)."""
 
   scale: jax.Array  # shape (), float32.

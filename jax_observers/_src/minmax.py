@@ -27,10 +27,11 @@ from jax_observers._src.base import (
   per_tensor_affine,
   per_tensor_symmetric,
 )
+from jax_observers._src.readable import ReadableRepr
 from jax_observers._src.reduce import batch_min_max
 
 
-class MinMaxState(struct.PyTreeNode):
+class MinMaxState(ReadableRepr, struct.PyTreeNode, repr=False):
   """Running range; the field names are torch's buffer names."""
 
   min_val: jax.Array  # shape () or (C,), float32; +inf before any update.

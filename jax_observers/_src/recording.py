@@ -17,11 +17,12 @@ from flax import struct
 from jax import lax
 
 from jax_observers._src.base import Observer, canonical_dtype
+from jax_observers._src.readable import ReadableRepr
 
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-class RecordingState(struct.PyTreeNode):
+class RecordingState(ReadableRepr, struct.PyTreeNode, repr=False):
   tensor_val: (
     jax.Array
   )  # shape (capacity, *x.shape), the input dtype; slot count % capacity is next.
