@@ -1,6 +1,17 @@
 """jax_observers: quantization observers for JAX and Flax, bit-exact with torch.ao.quantization."""
 
 from jax_observers import linen, nnx
+from jax_observers._src.affine import (
+  AffineQuantizedMinMaxObserver,
+  AffineQuantizedMovingAverageMinMaxObserver,
+)
+from jax_observers._src.affine_qparams import (
+  MappingType,
+  ZeroPointDomain,
+  choose_qparams_affine,
+  choose_qparams_affine_with_min_max,
+)
+from jax_observers._src.affine_quant import dequantize_affine, quantize_affine
 from jax_observers._src.base import (
   FLOAT32_EPS,
   Observer,
@@ -21,9 +32,30 @@ from jax_observers._src.calibrators import (
   HistogramPercentileObserver,
 )
 from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
+from jax_observers._src.fp8 import AmaxState, Float8Observer, float8_scale_from_amax
+from jax_observers._src.fp8_delayed import DelayedScalingState, Float8DelayedScalingObserver
+from jax_observers._src.granularity import (
+  BlockLayout,
+  Granularity,
+  PerAxis,
+  PerBlock,
+  PerGroup,
+  PerRow,
+  PerTensor,
+  PerToken,
+  block_layout,
+  get_block_size,
+)
 from jax_observers._src.hist_accumulate import HistogramState
 from jax_observers._src.histogram import HistogramObserver, default_histogram_observer
 from jax_observers._src.minmax import MinMaxObserver, MinMaxState, MovingAverageMinMaxObserver
+from jax_observers._src.mx import (
+  MXObserver,
+  ScaleCalculationMode,
+  e8m0_to_float32,
+  mx_exponent_from_amax,
+  to_mx,
+)
 from jax_observers._src.partial import PartialConfig
 from jax_observers._src.per_channel import (
   MovingAveragePerChannelMinMaxObserver,
@@ -35,6 +67,7 @@ from jax_observers._src.placeholder import (
   PlaceholderObserver,
   ReuseInputObserver,
 )
+from jax_observers._src.pow2 import Pow2ScaleObserver, pow2_round, pow2_scale
 from jax_observers._src.presets import (
   default_affine_fixed_qparams_observer,
   default_debug_observer,
@@ -54,19 +87,36 @@ from jax_observers._src.presets import (
 )
 from jax_observers._src.recording import RecordingObserver, RecordingState
 from jax_observers._src.state_dict import load_state_dict, state_dict
+from jax_observers._src.weights import (
+  QuantizedArray,
+  dequantize_params,
+  int4_weight_rules,
+  quantize_params,
+  sqnr,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AffineQuantizedMinMaxObserver",
+  "AffineQuantizedMovingAverageMinMaxObserver",
+  "AmaxState",
+  "BlockLayout",
+  "DelayedScalingState",
   "EmptyState",
   "FLOAT32_EPS",
   "FixedQParamsObserver",
   "FixedQParamsState",
+  "Float8DelayedScalingObserver",
+  "Float8Observer",
+  "Granularity",
   "HistogramEntropyObserver",
   "HistogramMSEObserver",
   "HistogramObserver",
   "HistogramPercentileObserver",
   "HistogramState",
+  "MXObserver",
+  "MappingType",
   "MinMaxObserver",
   "MinMaxState",
   "MovingAverageMinMaxObserver",
@@ -74,16 +124,29 @@ __all__ = [
   "NoopObserver",
   "Observer",
   "PartialConfig",
+  "PerAxis",
+  "PerBlock",
   "PerChannelMinMaxObserver",
+  "PerGroup",
+  "PerRow",
+  "PerTensor",
+  "PerToken",
   "PlaceholderObserver",
+  "Pow2ScaleObserver",
   "QParams",
   "QParamsUnavailableError",
   "QScheme",
+  "QuantizedArray",
   "RecordingObserver",
   "RecordingState",
   "ReuseInputObserver",
+  "ScaleCalculationMode",
   "UniformObserver",
+  "ZeroPointDomain",
+  "block_layout",
   "calculate_qmin_qmax",
+  "choose_qparams_affine",
+  "choose_qparams_affine_with_min_max",
   "default_affine_fixed_qparams_observer",
   "default_debug_observer",
   "default_dynamic_quant_observer",
@@ -98,8 +161,15 @@ __all__ = [
   "default_reuse_input_observer",
   "default_symmetric_fixed_qparams_observer",
   "default_weight_observer",
+  "dequantize_affine",
+  "dequantize_params",
+  "e8m0_to_float32",
+  "float8_scale_from_amax",
+  "get_block_size",
+  "int4_weight_rules",
   "linen",
   "load_state_dict",
+  "mx_exponent_from_amax",
   "nnx",
   "per_channel_affine",
   "per_channel_affine_float_qparams",
@@ -107,6 +177,12 @@ __all__ = [
   "per_channel_weight_observer_range_neg_127_to_127",
   "per_tensor_affine",
   "per_tensor_symmetric",
+  "pow2_round",
+  "pow2_scale",
+  "quantize_affine",
+  "quantize_params",
+  "sqnr",
   "state_dict",
+  "to_mx",
   "weight_observer_range_neg_127_to_127",
 ]
