@@ -31,6 +31,12 @@ from jax_observers._src.calibrators import (
   HistogramMSEObserver,
   HistogramPercentileObserver,
 )
+from jax_observers._src.fake_quant_ops import (
+  dequantize,
+  fake_quantize_per_channel_affine,
+  fake_quantize_per_tensor_affine,
+  quantize,
+)
 from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
 from jax_observers._src.fp8 import AmaxState, Float8Observer, float8_scale_from_amax
 from jax_observers._src.fp8_delayed import DelayedScalingState, Float8DelayedScalingObserver
@@ -48,6 +54,10 @@ from jax_observers._src.granularity import (
 )
 from jax_observers._src.hist_accumulate import HistogramState
 from jax_observers._src.histogram import HistogramObserver, default_histogram_observer
+from jax_observers._src.learnable_ops import (
+  fake_quantize_learnable_per_channel_affine,
+  fake_quantize_learnable_per_tensor_affine,
+)
 from jax_observers._src.minmax import MinMaxObserver, MinMaxState, MovingAverageMinMaxObserver
 from jax_observers._src.mx import (
   MXObserver,
@@ -161,9 +171,14 @@ __all__ = [
   "default_reuse_input_observer",
   "default_symmetric_fixed_qparams_observer",
   "default_weight_observer",
+  "dequantize",
   "dequantize_affine",
   "dequantize_params",
   "e8m0_to_float32",
+  "fake_quantize_learnable_per_channel_affine",
+  "fake_quantize_learnable_per_tensor_affine",
+  "fake_quantize_per_channel_affine",
+  "fake_quantize_per_tensor_affine",
   "float8_scale_from_amax",
   "get_block_size",
   "int4_weight_rules",
@@ -179,6 +194,7 @@ __all__ = [
   "per_tensor_symmetric",
   "pow2_round",
   "pow2_scale",
+  "quantize",
   "quantize_affine",
   "quantize_params",
   "sqnr",

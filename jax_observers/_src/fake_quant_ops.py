@@ -1,0 +1,387 @@
+r"""torch's fake-quantization ops with their straight-through gradient, and real quantize/dequantize.
+
+With :math:`s` = ``scale``, :math:`z` = ``zero_point`` and every step one float32 rounding, as torch's
+CPU kernels compute it:
+
+.. math::
+   q_f = z + \mathrm{rne}(x \cdot \mathrm{rn}(1/s)), \qquad
+   y = (\mathrm{clip}(q_f, q_{min}, q_{max}) - z)\, s, \qquad
+   \frac{\partial y}{\partial x} = [\, q_{min} \le q_f \le q_{max} \,].
+
+* ``x`` is multiplied by the float32 reciprocal ``1/s``, never divided by ``s``; the result differs
+  from ``rne(x / s)`` on some inputs (torch E13).
+* The gradient mask is on the **unclamped** rounded value ``q_f``, so the window is
+  :math:`[(q_{min} - z - \tfrac12) s, (q_{max} - z + \tfrac12) s]`, ties to even (E14).
+* NaN maps to :math:`q_{min}` with gradient 0, :math:`\pm\infty` to :math:`q_{max}, q_{min}` (E15).
+* A per-channel **float** zero point (``per_channel_affine_float_qparams``) rounds after adding it:
+  :math:`q = \mathrm{rne}(\mathrm{fma}(x, 1/s, z))`, one fused multiply-add as in torch's
+  AVX2/AVX512 kernels, and :math:`y` is rounded once from :math:`(q - z) s`.
+* float16/bfloat16 inputs are computed in float32 and the result is rounded to the input dtype;
+  float64 inputs (with ``jax_enable_x64``) round :math:`x \cdot (1/s)` in float64, as torch does.
+
+:func:`quantize` returns the clipped integer codes and :func:`dequantize` maps them back, so
+``dequantize(quantize(x, ...), ...)`` equals the fake-quantized ``x`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_observers._src import fake_quant_numerics as fqn
+from jax_observers._src import numerics
+
+_INT32 = np.iinfo(np.int32)
+_EXACT_SPAN = 2**24  # ranges up to this width are exact in float32
+
+
+def check_quant_range(quant_min, quant_max) -> tuple[int, int]:
+  """``(quant_min, quant_max)`` as Python ints inside int32, with ``quant_min <= quant_max``."""
+  for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise TypeError(f"{name}={v!r} must be a Python int (a static value, not an array).")
+    if not _INT32.min <= v <= _INT32.max:
+      raise ValueError(f"{name}={v} is outside the int32 range.")
+  if quant_min > quant_max:
+    raise ValueError(f"quant_min={quant_min} must be less than or equal to quant_max={quant_max}.")
+  return int(quant_min), int(quant_max)
+
+
+def _float_input(x, fn: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{fn} takes a floating-point x; got dtype {x.dtype}.")
+  return x
+
+
+def _compute_dtype(x) -> np.dtype:
+  return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+
+
+def _bounds(quant_min: int, quant_max: int, dtype) -> tuple[Any, Any]:
+  """Thresholds ``lo, hi`` with ``f >= quant_min`` iff ``f >= lo`` and ``f <= quant_max`` iff ``f <= hi``."""
+  if dtype == np.float64:
+    return np.float64(quant_min), np.float64(quant_max)
+  return fqn.float32_at_least(quant_min), fqn.float32_at_most(quant_max)
+
+
+def _clip_codes(q_f, quant_min: int, quant_max: int) -> jax.Array:
+  """int32 ``clip(q_f)`` with exact integer bounds; NaN goes to ``quant_min`` (torch's ``fmax``)."""
+  lo, hi = _bounds(quant_min, quant_max, q_f.dtype)
+  above_min = q_f >= lo  # False for NaN
+  above_max = q_f > hi
+  inside = above_min & ~above_max
+  codes = jnp.where(inside, q_f, jnp.zeros_like(q_f)).astype(jnp.int32)
+  return jnp.where(above_min, jnp.where(above_max, np.int32(quant_max), codes), np.int32(quant_min))
+
+
+def _in_range(q_f, quant_min: int, quant_max: int, *, exact: bool) -> jax.Array:
+  """The STE mask. Per tensor, torch compares ``float(quant_min) <= q_f`` (bounds rounded to float)."""
+  if exact:
+    lo, hi = _bounds(quant_min, quant_max, q_f.dtype)
+  else:
+    lo, hi = np.asarray(quant_min, q_f.dtype), np.asarray(quant_max, q_f.dtype)
+  return (q_f >= lo) & (q_f <= hi)
+
+
+def _channel_shape(x, axis: int) -> tuple[int, ...]:
+  return tuple(x.shape[axis] if i == axis else 1 for i in range(x.ndim))
+
+
+def _inverse(scale) -> jax.Array:
+  """float32 ``1 / scale``, one IEEE division (as torch's ``1.0f / scale``)."""
+  return numerics.exact_div(np.float32(1.0), scale)
+
+
+def per_tensor_codes(x, scale, zero_point, quant_min, quant_max):
+  """``(codes, q_f)``: int32 clipped codes and the unclamped ``z + rne(x * (1/s))``."""
+  dtype = _compute_dtype(x)
+  q_f = jnp.round(x.astype(dtype) * _inverse(scale).astype(dtype)) + zero_point.astype(dtype)
+  return _clip_codes(q_f, quant_min, quant_max), q_f
+
+
+def per_channel_codes(x, scale, zero_point, quant_min, quant_max):
+  """Per-channel ``(codes, q_f)``; ``scale``/``zero_point`` already shaped to broadcast against ``x``.
+
+  An integer zero point is added after rounding; a float one before rounding, in one FMA (float32).
+  +inf and values past int64 go to ``quant_max`` (torch's x86 int64 cast sends them to quant_min).
+  """
+  dtype = _compute_dtype(x)
+  inv = _inverse(scale)
+  if jnp.issubdtype(zero_point.dtype, jnp.floating) and dtype == np.float64:
+    # lrintf(double) rounds the double sum to float first.
+    v = numerics.rounded(x * inv.astype(dtype)) + zero_point.astype(dtype)
+    q_f = jnp.round(v.astype(jnp.float32))
+  elif jnp.issubdtype(zero_point.dtype, jnp.floating):
+    q_f = jnp.round(fqn.fma(x.astype(jnp.float32), inv, zero_point.astype(jnp.float32)))
+  else:
+    q_f = jnp.round(x.astype(dtype) * inv.astype(dtype)) + zero_point.astype(dtype)
+  return _clip_codes(q_f, quant_min, quant_max), q_f
+
+
+def dequantize_codes(codes, scale, zero_point, dtype=np.float32) -> jax.Array:
+  """``(codes - zero_point) * scale`` rounded once to ``dtype``, kept apart from any later add.
+
+  float64 is for torch's per-channel kernel on float64 inputs, which computes in double.
+  """
+  if dtype == np.float64:
+    y = (codes.astype(dtype) - zero_point.astype(dtype)) * scale.astype(dtype)
+  elif jnp.issubdtype(zero_point.dtype, jnp.floating):
+    # torch computes (q - z) * s in double: the difference is exact, the product rounds once.
+    high, low = fqn.two_sum(codes.astype(jnp.float32), -zero_point.astype(jnp.float32))
+    y = fqn.fma(high, scale, numerics.rounded(low * scale))
+  else:
+    y = fqn.int_sub_to_float32(codes, zero_point) * scale
+  return numerics.rounded(y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fake_quant(x, scale, zero_point, spec):
+  return _fake_quant_fwd(x, scale, zero_point, spec)[0]
+
+
+def _fake_quant_fwd(x, scale, zero_point, spec):
+  axis, quant_min, quant_max = spec
+  if axis is None:
+    codes, q_f = per_tensor_codes(x, scale, zero_point, quant_min, quant_max)
+    mask = _in_range(q_f, quant_min, quant_max, exact=x.dtype == np.float64)
+  else:
+    codes, q_f = per_channel_codes(x, scale, zero_point, quant_min, quant_max)
+    mask = _in_range(q_f, quant_min, quant_max, exact=True)
+  precision = np.float64 if axis is not None and x.dtype == np.float64 else np.float32
+  y = dequantize_codes(codes, scale, zero_point, precision).astype(x.dtype)
+  return y, mask
+
+
+def times_mask(g, mask) -> jax.Array:
+  """torch's ``dY * mask``: ``g`` where the mask is set, else ``g * 0.0`` (-0.0, or NaN for NaN/inf).
+
+  Written out because XLA turns a multiply by a converted predicate into a select (+0.0).
+  """
+  zero = jnp.where(jnp.isfinite(g), jnp.copysign(jnp.zeros_like(g), g), jnp.full_like(g, jnp.nan))
+  return jnp.where(mask, g, zero)
+
+
+def _fake_quant_bwd(spec, mask, g):
+  return times_mask(g, mask), None, None
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn: str):
+  """torch's two per-tensor overloads: a Python int zero point is range-checked, an array is not.
+
+  An array zero point is converted like ``zero_point.item().toInt()``: a float one is truncated.
+  """
+  if isinstance(zero_point, (bool, float, np.floating)):
+    raise TypeError(f"{fn}: zero_point={zero_point!r} must be an int or an array.")
+  if isinstance(zero_point, (int, np.integer)):
+    if not quant_min <= zero_point <= quant_max:
+      raise ValueError(
+        f"{fn}: zero_point={zero_point} must be between quant_min={quant_min} and "
+        f"quant_max={quant_max}."
+      )
+  zero_point = jnp.asarray(zero_point)
+  scale = jnp.asarray(scale)
+  for name, v in (("scale", scale), ("zero_point", zero_point)):
+    if v.size != 1:
+      raise ValueError(f"{fn}: {name} must hold one value per tensor; got shape {v.shape}.")
+  if jnp.issubdtype(zero_point.dtype, jnp.floating):
+    zero_point = jnp.trunc(zero_point)
+  return scale.reshape(()).astype(jnp.float32), zero_point.reshape(()).astype(jnp.int32)
+
+
+def per_channel_qparams(x, scale, zero_point, axis, quant_min, quant_max, fn: str):
+  """``(axis, scale, zero_point)`` checked against ``x`` and shaped to broadcast along ``axis``."""
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"{fn}: axis={axis!r} must be an int.")
+  if not -x.ndim <= axis < x.ndim:
+    raise ValueError(f"{fn}: axis={axis} is out of range for x of shape {x.shape}.")
+  axis = int(axis) % x.ndim
+  channels = x.shape[axis]
+  # torch range-checks int zero points; only values known at trace time can be checked.
+  known = None if isinstance(zero_point, jax.core.Tracer) else np.asarray(zero_point)
+  scale, zero_point = jnp.asarray(scale), jnp.asarray(zero_point)
+  for name, v in (("scale", scale), ("zero_point", zero_point)):
+    if v.shape != (channels,):
+      raise ValueError(
+        f"{fn}: {name} must have shape ({channels},), one value per channel of x along "
+        f"axis={axis} (x has shape {x.shape}); got shape {v.shape}."
+      )
+  if not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise TypeError(f"{fn}: scale must be a float array; got dtype {scale.dtype}.")
+  if jnp.issubdtype(zero_point.dtype, jnp.integer):
+    if (
+      known is not None and known.size and not quant_min <= known.min() <= known.max() <= quant_max
+    ):
+      raise ValueError(
+        f"{fn}: zero_point values {known.tolist()} must lie in [{quant_min}, {quant_max}]."
+      )
+    zero_point = zero_point.astype(jnp.int32)
+  elif not jnp.issubdtype(zero_point.dtype, jnp.floating):
+    raise TypeError(f"{fn}: zero_point must be an int or float array; got {zero_point.dtype}.")
+  shape = _channel_shape(x, axis)
+  return axis, scale.astype(jnp.float32).reshape(shape), zero_point.reshape(shape)
+
+
+def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max) -> jax.Array:
+  r"""torch's ``fake_quantize_per_tensor_affine``: quantize and dequantize, straight-through gradient.
+
+  .. math::
+     y = (\mathrm{clip}(z + \mathrm{rne}(x \cdot \tfrac{1}{s}), q_{min}, q_{max}) - z)\, s,
+     \qquad \partial y / \partial x = [q_{min} \le z + \mathrm{rne}(x/s) \le q_{max}]
+
+  Args:
+    x: a floating-point array; ``y`` has its dtype.
+    scale: a Python float or a one-element float array (rounded to float32).
+    zero_point: a Python int, checked against the range (torch's scalar overload), or a one-element
+      array, not checked and truncated if float (torch's tensor overload).
+    quant_min, quant_max: the static integer range.
+
+  Returns:
+    The fake-quantized array. Gradients flow to ``x`` only (``scale``/``zero_point`` get zero; torch
+    raises if they require grad).
+
+  Raises:
+    ValueError: ``quant_min > quant_max``, or an int ``zero_point`` outside the range.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jax_observers as jo
+    >>> x = jnp.array([-1.251, -1.25, 4.25, 4.251])
+    >>> jo.fake_quantize_per_tensor_affine(x, 0.5, 2, 0, 10).tolist()
+    [-1.0, -1.0, 4.0, 4.0]
+    >>> jax.grad(lambda x: jo.fake_quantize_per_tensor_affine(x, 0.5, 2, 0, 10).sum())(x).tolist()
+    [0.0, 1.0, 1.0, 0.0]
+  """
+  fn = "fake_quantize_per_tensor_affine"
+  x = _float_input(x, fn)
+  quant_min, quant_max = check_quant_range(quant_min, quant_max)
+  scale, zero_point = per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)
+  return _fake_quant(x, scale, zero_point, (None, quant_min, quant_max))
+
+
+def fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max) -> jax.Array:
+  r"""torch's ``fake_quantize_per_channel_affine``: one ``scale``/``zero_point`` per slice along ``axis``.
+
+  For channel :math:`c`, an int zero point gives
+  :math:`y = (\mathrm{clip}(z_c + \mathrm{rne}(x \cdot \tfrac{1}{s_c})) - z_c)\, s_c`; a float zero point
+  (``per_channel_affine_float_qparams``) gives :math:`y = (\mathrm{clip}(\mathrm{rne}(\mathrm{fma}(x,
+  \tfrac{1}{s_c}, z_c))) - z_c)\, s_c`. The gradient is the straight-through mask on the unclamped
+  code.
+
+  Args:
+    x: a floating-point array.
+    scale: float array of shape ``(x.shape[axis],)``.
+    zero_point: int or float array of that shape; concrete int values are range-checked.
+    axis: the channel axis; negative values count from the end (torch rejects them).
+    quant_min, quant_max: the static integer range.
+
+  Returns:
+    The fake-quantized array, with ``x``'s dtype.
+
+  Raises:
+    ValueError: a bad range, ``axis`` out of range, or ``scale``/``zero_point`` of the wrong shape.
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> x = jnp.array([[0.26, -1.0], [0.26, -1.0]])
+    >>> s, z = jnp.array([0.1, 0.5]), jnp.array([0, 1], jnp.int32)
+    >>> jo.fake_quantize_per_channel_affine(x, s, z, 0, -128, 127).tolist()
+    [[0.30000001192092896, -1.0], [0.5, -1.0]]
+  """
+  fn = "fake_quantize_per_channel_affine"
+  x = _float_input(x, fn)
+  quant_min, quant_max = check_quant_range(quant_min, quant_max)
+  axis, scale, zero_point = per_channel_qparams(
+    x, scale, zero_point, axis, quant_min, quant_max, fn
+  )
+  return _fake_quant(x, scale, zero_point, (axis, quant_min, quant_max))
+
+
+def _integer_range(dtype, quant_min, quant_max) -> tuple[np.dtype, int, int]:
+  try:
+    info = jnp.iinfo(dtype)
+  except ValueError:
+    raise ValueError(f"dtype={dtype!r} is not an integer dtype.") from None
+  quant_min = int(info.min) if quant_min is None else quant_min
+  quant_max = int(info.max) if quant_max is None else quant_max
+  quant_min, quant_max = check_quant_range(quant_min, quant_max)
+  if quant_min < info.min or quant_max > info.max:
+    raise ValueError(
+      f"[quant_min, quant_max] = [{quant_min}, {quant_max}] does not fit dtype {info.dtype}."
+    )
+  return np.dtype(info.dtype), quant_min, quant_max
+
+
+def quantize(
+  x, scale, zero_point, *, dtype, axis=None, quant_min=None, quant_max=None
+) -> jax.Array:
+  r"""The integer codes :math:`\mathrm{clip}(z + \mathrm{rne}(x \cdot \tfrac{1}{s}), q_{min}, q_{max})`.
+
+  The same codes :func:`fake_quantize_per_tensor_affine` and :func:`fake_quantize_per_channel_affine`
+  produce, so ``dequantize(quantize(x, ...), ...)`` is the fake-quantized ``x``. For finite inputs they
+  equal ``torch.quantize_per_tensor``/``quantize_per_channel(...).int_repr()``.
+
+  Args:
+    x: a floating-point array.
+    scale: per tensor, a float or one-element array; per channel, shape ``(x.shape[axis],)``.
+    zero_point: an int (range-checked) or array; per channel an int or float array.
+    dtype: the integer dtype of the codes (``jnp.int8``, ``jnp.uint8``, ``jnp.int32``, ...).
+    axis: ``None`` for per-tensor, else the channel axis.
+    quant_min, quant_max: the code range; defaults to the whole range of ``dtype``.
+
+  Returns:
+    An array of ``dtype`` with ``x``'s shape.
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> q = jo.quantize(jnp.array([-1.0, 0.26, 9.0]), 0.1, 3, dtype=jnp.uint8)
+    >>> q.tolist(), q.dtype
+    ([0, 6, 93], dtype('uint8'))
+    >>> jo.dequantize(q, 0.1, 3).tolist()
+    [-0.30000001192092896, 0.30000001192092896, 9.0]
+  """
+  fn = "quantize"
+  x = _float_input(x, fn)
+  dtype, quant_min, quant_max = _integer_range(dtype, quant_min, quant_max)
+  if axis is None:
+    scale, zero_point = per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)
+    codes, _ = per_tensor_codes(x, scale, zero_point, quant_min, quant_max)
+  else:
+    axis, scale, zero_point = per_channel_qparams(
+      x, scale, zero_point, axis, quant_min, quant_max, fn
+    )
+    codes, _ = per_channel_codes(x, scale, zero_point, quant_min, quant_max)
+  return codes.astype(dtype)
+
+
+def dequantize(q, scale, zero_point, *, axis=None, dtype=jnp.float32) -> jax.Array:
+  r"""Codes back to real values, :math:`(q - z)\, s` rounded once (the fake-quant output).
+
+  Args:
+    q: an integer array of codes.
+    scale, zero_point: as for :func:`quantize` (a zero point is not range-checked here).
+    axis: ``None`` for per-tensor, else the channel axis.
+    dtype: the floating dtype of the result (computed in float32, then rounded to ``dtype``).
+
+  Returns:
+    An array of ``dtype`` with ``q``'s shape.
+  """
+  fn = "dequantize"
+  q = jnp.asarray(q)
+  if not jnp.issubdtype(q.dtype, jnp.integer):
+    raise TypeError(f"{fn} takes integer codes; got dtype {q.dtype}.")
+  if axis is None:
+    if isinstance(zero_point, (int, np.integer)):
+      zero_point = jnp.asarray(zero_point, jnp.int32)
+    scale, zero_point = per_tensor_qparams(scale, zero_point, _INT32.min, _INT32.max, fn)
+  else:
+    _, scale, zero_point = per_channel_qparams(
+      q, scale, zero_point, axis, _INT32.min, _INT32.max, fn
+    )
+  return dequantize_codes(q.astype(jnp.int32), scale, zero_point).astype(dtype)

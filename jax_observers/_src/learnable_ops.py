@@ -1,0 +1,200 @@
+r"""LSQ / LSQ+ fake quantization with learnable scale and zero point (torch's ``_fake_quantize_learnable_*``).
+
+The forward pass is :func:`fake_quantize_per_tensor_affine` (per-channel likewise) with the zero point
+rounded half-to-even and clamped. The backward pass follows torch's CPU kernels, per element with
+:math:`s` = scale, :math:`g` = ``grad_factor``, :math:`z_b` the backward zero point and
+:math:`q = \mathrm{rne}(z_b + x \cdot \mathrm{rn}(1/s))`:
+
+.. math::
+   \begin{array}{llll}
+   & \partial x & \partial s & \partial z \\
+   q_{min} \le q \le q_{max}: & \delta & \delta\,\mathrm{fma}(q - z_b, s, -x)\,\tfrac{1}{s}\,g & 0 \\
+   q < q_{min}: & 0 & \delta\,(q_{min} - z_b)\,g & -\delta\, s\, g \\
+   q > q_{max}: & 0 & \delta\,(q_{max} - z_b)\,g & -\delta\, s\, g
+   \end{array}
+
+(:math:`\delta` the incoming gradient; products left to right, each rounded to float32 except the
+FMA, as torch's AVX2/AVX512 kernels contract :math:`(q - z_b) s - x`). ``dscale`` and
+``dzero_point`` are the float32 sums over all elements (per tensor) or all axes but ``axis``.
+
+**Zero-point mismatch (torch E17).** Per tensor, torch's forward uses :math:`\mathrm{rne}(z)` but the
+backward uses :math:`z_b = \mathrm{trunc}(\mathrm{clip}(z + 0.5))`, so for :math:`z = 2.5` the output is
+computed with 2 and the gradients with 3 (negative zero points differ more often). That is the
+default here; ``consistent_zero_point=True`` uses :math:`\mathrm{rne}(z)` in both passes. Per channel
+torch rounds half-to-even in both passes.
+
+NaN inputs count as below the range (torch's x86 int64 cast); +inf and values past int64 count as
+above it, consistently with the forward pass (torch's x86 cast puts them below).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_observers._src import fake_quant_numerics as fqn
+from jax_observers._src import fake_quant_ops as ops
+
+
+def _check(x, quant_min, quant_max, grad_factor, fn):
+  x = ops._float_input(x, fn)
+  quant_min, quant_max = ops.check_quant_range(quant_min, quant_max)
+  if not quant_min <= 0 <= quant_max:
+    raise ValueError(
+      f"{fn}: the range [quant_min, quant_max] = [{quant_min}, {quant_max}] must include 0."
+    )
+  if isinstance(grad_factor, bool) or not isinstance(grad_factor, (int, float, np.floating)):
+    raise TypeError(f"{fn}: grad_factor={grad_factor!r} must be a Python float.")
+  return x, quant_min, quant_max, float(grad_factor)
+
+
+def _clip_float(z, quant_min, quant_max):
+  """torch's ``min(max(z, float(qmin)), float(qmax))`` (NaN stays NaN)."""
+  return jnp.minimum(jnp.maximum(z, np.float32(quant_min)), np.float32(quant_max))
+
+
+def _zero_points(zero_point, quant_min, quant_max, per_channel: bool, consistent: bool):
+  """Forward int32 zero point and backward float32 zero point ``z_b``."""
+  z = zero_point.astype(jnp.float32)
+  forward = _clip_float(jnp.round(z), quant_min, quant_max)
+  if per_channel or consistent:
+    backward = forward
+  else:  # _get_zero_point_from_tensor(is_forward=False): clamp(z + 0.5f), then the int64 cast.
+    backward = jnp.trunc(_clip_float(z + np.float32(0.5), quant_min, quant_max))
+  return forward.astype(jnp.int32), backward
+
+
+def _element_grads(x, dy, scale, z_b, quant_min, quant_max, grad_factor, per_channel):
+  """torch's per-element ``(dx, dscale, dzero_point)``; ``scale``/``z_b`` broadcast against ``x``."""
+  inv = ops._inverse(scale)
+  q_f = jnp.round(fqn.fma(x, inv, z_b))
+  codes = ops._clip_codes(q_f, quant_min, quant_max)
+  inside = ops._in_range(q_f, quant_min, quant_max, exact=True)
+  below = ~inside & ~(q_f > ops._bounds(quant_min, quant_max, q_f.dtype)[1])  # NaN is below
+  z_int = z_b.astype(jnp.int32)
+  if per_channel:  # int64 - float in C++: both rounded to float32 first
+    diff = codes.astype(jnp.float32) - z_b
+    small = np.float32(quant_min) - z_b
+    big = np.float32(quant_max) - z_b
+  else:  # int64 arithmetic, then one conversion
+    diff = fqn.int_sub_to_float32(codes, z_int)
+    small = fqn.int_sub_to_float32(np.int32(quant_min), z_int)
+    big = fqn.int_sub_to_float32(np.int32(quant_max), z_int)
+  g = np.float32(grad_factor)
+  dx = ops.times_mask(dy, inside)
+  ds_inside = ((dy * fqn.fma(diff, scale, -x)) * inv) * g
+  ds_outside = (dy * jnp.where(below, small, big)) * g
+  dscale = jnp.where(inside, ds_inside, ds_outside)
+  dzero = jnp.where(inside, jnp.zeros_like(dy), ((-dy) * scale) * g)
+  return dx, dscale, dzero
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _learnable(x, scale, zero_point, spec):
+  return _learnable_fwd(x, scale, zero_point, spec)[0]
+
+
+def _learnable_fwd(x, scale, zero_point, spec):
+  axis, quant_min, quant_max, _, consistent = spec
+  per_channel = axis is not None
+  s = scale.astype(jnp.float32)
+  if not per_channel:
+    s = s.reshape(())
+  z_fwd, _ = _zero_points(zero_point, quant_min, quant_max, per_channel, consistent)
+  if not per_channel:
+    z_fwd = z_fwd.reshape(())
+  shape = ops._channel_shape(x, axis) if per_channel else ()
+  y = ops._fake_quant_fwd(x, s.reshape(shape), z_fwd.reshape(shape), (axis, quant_min, quant_max))[
+    0
+  ]
+  return y, (x, scale, zero_point)
+
+
+def _learnable_bwd(spec, residuals, dy):
+  axis, quant_min, quant_max, grad_factor, consistent = spec
+  x, scale, zero_point = residuals
+  per_channel = axis is not None
+  _, z_b = _zero_points(zero_point, quant_min, quant_max, per_channel, consistent)
+  shape = ops._channel_shape(x, axis) if per_channel else ()
+  s = scale.astype(jnp.float32).reshape(shape)
+  dx, ds, dz = _element_grads(
+      x.astype(jnp.float32), dy.astype(jnp.float32), s, z_b.reshape(shape),
+      quant_min, quant_max, grad_factor, per_channel,
+  )  # fmt: skip
+  axes = tuple(i for i in range(x.ndim) if i != axis) if per_channel else None
+  dscale = jnp.sum(ds, axis=axes).reshape(scale.shape).astype(scale.dtype)
+  dzero = jnp.sum(dz, axis=axes).reshape(zero_point.shape).astype(zero_point.dtype)
+  return dx.astype(x.dtype), dscale, dzero
+
+
+_learnable.defvjp(_learnable_fwd, _learnable_bwd)
+
+
+def fake_quantize_learnable_per_tensor_affine(
+  x, scale, zero_point, quant_min, quant_max, grad_factor=1.0, *, consistent_zero_point=False
+) -> jax.Array:
+  r"""LSQ+ fake quantization with one learnable ``scale`` and ``zero_point`` (see the module docstring).
+
+  Args:
+    x: a floating-point array (the backward pass computes in float32).
+    scale: a one-element float array (the trainable step size).
+    zero_point: a one-element float array (the trainable offset).
+    quant_min, quant_max: the static range; it must include 0.
+    grad_factor: multiplies the scale and zero-point gradients (LSQ's :math:`1/\sqrt{N q_{max}}`).
+    consistent_zero_point: compute the gradients with the forward's rounded zero point instead of
+      torch's ``trunc(z + 0.5)``.
+
+  Returns:
+    The fake-quantized ``x``; differentiable in ``x``, ``scale`` and ``zero_point``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jax_observers as jo
+    >>> x, s, z = jnp.array([3.0, 0.0]), jnp.array([0.2]), jnp.array([2.5])
+    >>> f = lambda x, s, z: jo.fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 15).sum()
+    >>> [g.tolist() for g in jax.grad(f, argnums=(0, 1, 2))(x, s, z)]  # torch E17
+    [[0.0, 1.0], [12.0], [-0.20000000298023224]]
+  """
+  fn = "fake_quantize_learnable_per_tensor_affine"
+  x, quant_min, quant_max, grad_factor = _check(x, quant_min, quant_max, grad_factor, fn)
+  scale, zero_point = jnp.asarray(scale), jnp.asarray(zero_point)
+  for name, v in (("scale", scale), ("zero_point", zero_point)):
+    if v.size != 1 or not jnp.issubdtype(v.dtype, jnp.floating):
+      raise ValueError(f"{fn}: {name} must be a one-element float array; got {v.dtype}{v.shape}.")
+  spec = (None, quant_min, quant_max, grad_factor, bool(consistent_zero_point))
+  return _learnable(x, scale, zero_point, spec)
+
+
+def fake_quantize_learnable_per_channel_affine(
+  x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0
+) -> jax.Array:
+  r"""LSQ+ fake quantization with a learnable ``scale``/``zero_point`` per slice along ``axis``.
+
+  Args:
+    x: a floating-point array.
+    scale, zero_point: float arrays of shape ``(x.shape[axis],)``.
+    axis: the channel axis (negative values count from the end).
+    quant_min, quant_max: the static range; it must include 0.
+    grad_factor: multiplies the scale and zero-point gradients.
+
+  Returns:
+    The fake-quantized ``x``; differentiable in ``x``, ``scale`` and ``zero_point``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jax_observers as jo
+    >>> x = jnp.array([[0.3, 5.0], [-0.1, 0.2]])
+    >>> s, z = jnp.array([0.25, 0.1]), jnp.array([0.0, 1.0])
+    >>> f = lambda s: jo.fake_quantize_learnable_per_channel_affine(x, s, z, 0, -8, 7).sum()
+    >>> jax.grad(f)(s).tolist()
+    [6.799999713897705, 1.0]
+  """
+  fn = "fake_quantize_learnable_per_channel_affine"
+  x, quant_min, quant_max, grad_factor = _check(x, quant_min, quant_max, grad_factor, fn)
+  axis, scale, zero_point = ops.per_channel_qparams(
+    x, jnp.asarray(scale), jnp.asarray(zero_point, jnp.float32), axis, quant_min, quant_max, fn
+  )
+  channels = (x.shape[axis],)
+  spec = (axis, quant_min, quant_max, grad_factor, False)
+  return _learnable(x, scale.reshape(channels), zero_point.reshape(channels), spec)
