@@ -287,9 +287,9 @@ class HistogramEntropyObserver(_HistogramCalibrator):
 def _to_dict(observer, state) -> dict[str, np.ndarray]:
   return {
     "eps": np.array([observer.eps], np.float32),
-    "histogram": np.asarray(state.histogram),
-    "min_val": np.asarray(state.min_val, np.float32),
-    "max_val": np.asarray(state.max_val, np.float32),
+    "histogram": np.array(state.histogram),
+    "min_val": np.array(state.min_val, np.float32),
+    "max_val": np.array(state.max_val, np.float32),
   }
 
 

@@ -159,9 +159,9 @@ default_histogram_observer = HistogramObserver.with_args(quant_min=0, quant_max=
 def _to_dict(observer, state) -> dict[str, np.ndarray]:
   return {
     "eps": np.array([observer.eps], np.float32),
-    "histogram": np.asarray(state.histogram).astype(np.float32),
-    "min_val": np.asarray(state.min_val, np.float32).reshape(()),
-    "max_val": np.asarray(state.max_val, np.float32).reshape(()),
+    "histogram": np.array(state.histogram, np.float32),
+    "min_val": np.array(state.min_val, np.float32).reshape(()),
+    "max_val": np.array(state.max_val, np.float32).reshape(()),
   }
 
 
