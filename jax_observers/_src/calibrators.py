@@ -37,7 +37,7 @@ def bin_edges(state: HistogramState, *, range_policy: str, mode: str) -> jax.Arr
     g, o = hist_pow2.grid(state.min_val, state.max_val, bins, mode)
     lo, hi = hist_pow2.edges(g, o, bins)
     width = (hi - lo) / np.float32(bins)  # a power of two: exact
-    steps = jnp.arange(bins + 1, dtype=jnp.int32) - o[..., None]
+    steps = jnp.arange(bins + 1, dtype=jnp.int32).reshape((1,) * o.ndim + (-1,)) - o[..., None]
     return steps.astype(jnp.float32) * width[..., None]
   lo, hi = hist_accumulate.grid_edges(state, range_policy="torch", mode=mode)
   space = lambda a, b: histogram_numerics.linspace(a, b, bins + 1)
