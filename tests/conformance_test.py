@@ -40,6 +40,16 @@ CASES = [
   pytest.param(jo.NoopObserver(), (8,), id="noop"),
   pytest.param(jo.ReuseInputObserver(), (8,), id="reuse-input"),
   pytest.param(jo.RecordingObserver(capacity=3), (8, 2), id="recording"),
+  pytest.param(jo.HistogramObserver(bins=64), (8, 5), id="histogram"),
+  pytest.param(
+    jo.HistogramPercentileObserver(bins=64, ch_axis=1, qscheme=jo.per_channel_affine),
+    (8, 3),
+    id="hist-percentile-pc",
+  ),
+  pytest.param(jo.HistogramMSEObserver(bins=64, steps=10), (8, 3), id="hist-mse"),
+  pytest.param(
+    jo.HistogramEntropyObserver(bins=64, start_bin=16, num_quantized_bins=16), (8, 3), id="hist-kl"
+  ),
 ]
 
 _FLOAT_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
