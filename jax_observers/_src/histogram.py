@@ -82,7 +82,7 @@ class HistogramObserver(UniformObserver):
     (1000.0, -1.0, 3.0)
     >>> scale, zero_point = jax.jit(obs.calculate_qparams)(state)
     >>> print(f"{float(scale):.6f}", int(zero_point))
-    0.015686 64
+    0.015441 65
   """
 
   bins: int = 2048
