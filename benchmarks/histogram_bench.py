@@ -91,7 +91,9 @@ def main():
   w = rng.standard_normal((N // channels, channels)).astype(np.float32)
   floor_c = best_ms(jax.jit(jnp.sum), w)
   for policy in ("pow2", "torch"):
-    cal = jo.HistogramPercentileObserver(ch_axis=1, range_policy=policy)
+    cal = jo.HistogramPercentileObserver(
+      ch_axis=1, qscheme=jo.per_channel_affine, range_policy=policy
+    )
     cupdate = jax.jit(cal.update)
     cstate = cupdate(cal.init(w), w)
     ms = best_ms(cupdate, cstate, w)
