@@ -1,0 +1,289 @@
+r"""``FakeQuantize`` and ``FixedQParamsFakeQuantize``: an observer plus fake quantization, functionally.
+
+The protocol (shared with :mod:`fake_quant_fused` and :mod:`learnable`), for a config ``fq``:
+
+* ``state = fq.init(x)`` builds the buffers for inputs shaped like ``x``;
+* ``y, state = fq.apply(state, x, axis_name=None)`` is torch's ``forward``: when
+  ``state.observer_enabled``, the observer sees ``stop_gradient(x)`` first and ``scale``/``zero_point``
+  become its qparams **including this batch**; then, when ``state.fake_quant_enabled``,
+  :math:`y = \mathrm{fake\_quantize}(x; s, z)` with those stored qparams, else :math:`y = x`;
+* ``state = fq.update(state, x, axis_name=None)`` is ``apply`` without ``y`` (the observer protocol);
+* ``fq.calculate_qparams(state)`` is torch's ``calculate_qparams()``;
+* ``jo.enable_observer(state)`` / ``jo.disable_fake_quant(tree)`` ... flip the flags, which live in the
+  state (torch keeps them in buffers) so toggling never recompiles.
+
+Under ``jax.jit`` the flags are traced and select branches with ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_observers._src import fake_quant_ops as ops
+from jax_observers._src import fake_quant_state_dict, state_dict
+from jax_observers._src.base import Observer, QParams, QScheme, canonical_dtype, check_float_input
+from jax_observers._src.fake_quant_state import FakeQuantizeState
+from jax_observers._src.fixed import FixedQParamsObserver
+from jax_observers._src.minmax import MovingAverageMinMaxObserver
+from jax_observers._src.partial import PartialConfig, WithArgs
+
+
+def _observer_root(observer) -> type:
+  if isinstance(observer, PartialConfig):
+    return observer.root
+  return type(observer) if isinstance(observer, Observer) else observer
+
+
+def _observer_dtype(observer):
+  """The dtype torch's range check reads: the observer's, else its partial's, else its default."""
+  if isinstance(observer, Observer):
+    return getattr(observer, "dtype", None)
+  keywords = observer.resolved_keywords if isinstance(observer, PartialConfig) else {}
+  if "dtype" in keywords:
+    return keywords["dtype"]
+  fields = {f.name: f for f in dataclasses.fields(_observer_root(observer))}
+  return fields["dtype"].default if "dtype" in fields else None
+
+
+def build_observer(observer, quant_min, quant_max, *, strict_order: bool, **extra) -> Observer:
+  """torch's ``observer(**observer_kwargs)`` with ``quant_min``/``quant_max`` passed when both are set.
+
+  ``observer`` is an Observer class, a ``with_args`` partial or an Observer instance (then
+  ``replace``-d). ``strict_order`` requires ``quant_min < quant_max`` (torch's learnable fake quant).
+  """
+  root = _observer_root(observer)
+  if not (isinstance(root, type) and issubclass(root, Observer)):
+    raise TypeError(f"observer={observer!r} must be an Observer class, partial or instance.")
+  names = {f.name for f in dataclasses.fields(root) if f.init}
+  kwargs = {k: v for k, v in extra.items() if k in names}
+  if quant_min is not None and quant_max is not None:
+    if quant_min > quant_max or (strict_order and quant_min == quant_max):
+      relation = "less than" if strict_order else "less than or equal to"
+      raise ValueError(f"quant_min={quant_min} must be {relation} quant_max={quant_max}.")
+    dtype = canonical_dtype(_observer_dtype(observer))
+    try:
+      info = jnp.iinfo(dtype)
+    except ValueError:
+      raise TypeError(f"quant_min/quant_max need an integer observer dtype; got {dtype}.") from None
+    if quant_min < info.min or quant_max > info.max:
+      raise ValueError(
+        f"[quant_min, quant_max] = [{quant_min}, {quant_max}] is out of bounds for dtype {dtype}."
+      )
+    kwargs.update(quant_min=quant_min, quant_max=quant_max)
+  if isinstance(observer, Observer):
+    return observer.replace(**kwargs)
+  return observer(**kwargs)
+
+
+def _same_types(new, old):
+  """``new`` with ``old``'s leaf dtypes (both ``lax.cond`` branches must agree exactly)."""
+  return jax.tree_util.tree_map(
+    lambda n, o: lax.convert_element_type(n, jnp.result_type(o)), new, old
+  )
+
+
+class FakeQuantizeBase(WithArgs, abc.ABC):
+  """The fake-quant protocol: ``init``, ``apply``, ``update``, ``calculate_qparams`` (module docstring)."""
+
+  @abc.abstractmethod
+  def init(self, x) -> Any:
+    """A fresh state for inputs shaped like ``x``."""
+
+  @abc.abstractmethod
+  def apply(self, state, x, *, axis_name=None) -> tuple[jax.Array, Any]:
+    """``(y, new_state)``: torch's ``forward``."""
+
+  def update(self, state, x, *, axis_name=None):
+    """The state after ``apply`` (observing, with the current flags); ``y`` is dropped."""
+    return self.apply(state, x, axis_name=axis_name)[1]
+
+  @abc.abstractmethod
+  def calculate_qparams(self, state) -> QParams:
+    """torch's ``calculate_qparams()``."""
+
+  def replace(self, **changes):
+    """A copy of this config with ``changes`` (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeQuantize(FakeQuantizeBase):
+  r"""torch's ``FakeQuantize``: observe, take the qparams, fake-quantize with them.
+
+  .. math::
+     (s, z) \leftarrow \mathrm{qparams}(\mathrm{observe}(x)), \qquad
+     y = (\mathrm{clip}(z + \mathrm{rne}(x \cdot \tfrac1s), q_{min}, q_{max}) - z)\, s
+
+  Args:
+    observer: an Observer class, ``with_args`` partial or instance (torch's ``observer`` plus its
+      ``**observer_kwargs``: pass them with ``Observer.with_args(...)``).
+    quant_min, quant_max: when both are set they are checked against the observer dtype and passed to
+      the observer, which then has a custom range (a symmetric quint8 zero point is 127, E26).
+    is_dynamic: passed to the observer, as torch does.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jax_observers as jo
+    >>> fq = jo.FakeQuantize(observer=jo.MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    >>> x = jnp.array([-1.0, 0.3, 2.0])
+    >>> y, state = jax.jit(fq.apply)(fq.init(x), x)
+    >>> [round(v, 4) for v in y.tolist()], int(state.zero_point)
+    ([-1.0, 0.3059, 2.0], 85)
+  """
+
+  observer: Any = dataclasses.field(default=MovingAverageMinMaxObserver, compare=False)
+  quant_min: int | None = None
+  quant_max: int | None = None
+  is_dynamic: bool = False
+  activation_post_process: Observer = dataclasses.field(init=False)
+
+  torch_flag_dtype = np.uint8  # dtype of torch's enabled-flag buffers (the fused module: int64)
+
+  def __post_init__(self):
+    obs = build_observer(
+      self.observer, self.quant_min, self.quant_max, strict_order=False, is_dynamic=self.is_dynamic
+    )
+    quant_range = getattr(obs, "quant_range", None)
+    if (
+      not isinstance(getattr(obs, "qscheme", None), QScheme)
+      or not isinstance(quant_range, tuple)
+      or not all(isinstance(v, (int, np.integer)) for v in quant_range)
+      or type(obs).calculate_qparams is Observer.calculate_qparams
+    ):
+      raise TypeError(
+        f"{type(self).__name__} needs an observer with a qscheme and a quantized range; "
+        f"got {type(obs).__name__}."
+      )
+    object.__setattr__(self, "activation_post_process", obs)
+
+  @property
+  def is_per_channel(self) -> bool:
+    return self.activation_post_process.qscheme.is_per_channel
+
+  @property
+  def quant_range(self) -> tuple[int, int]:
+    """The observer's final ``(quant_min, quant_max)``, which the fake quantization uses."""
+    return self.activation_post_process.quant_range
+
+  @property
+  def ch_axis(self) -> int:
+    """The observer's channel axis, or -1 per tensor (torch's attribute)."""
+    return getattr(self.activation_post_process, "ch_axis", -1) if self.is_per_channel else -1
+
+  def qparams_shape(self, x) -> tuple[int, ...]:
+    if not self.is_per_channel:
+      return ()
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    if not -x.ndim <= self.ch_axis < x.ndim:
+      raise ValueError(f"ch_axis={self.ch_axis} is out of range for an input of shape {x.shape}.")
+    return (x.shape[self.ch_axis],)
+
+  def zero_point_dtype(self):
+    float_qparams = self.activation_post_process.qscheme == QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS
+    return jnp.float32 if float_qparams else jnp.int32
+
+  def init(self, x) -> FakeQuantizeState:
+    x = check_float_input(x, self)
+    shape = self.qparams_shape(x)
+    return FakeQuantizeState(
+      fake_quant_enabled=jnp.ones((), jnp.bool_),
+      observer_enabled=jnp.ones((), jnp.bool_),
+      scale=jnp.ones(shape, jnp.float32),
+      zero_point=jnp.zeros(shape, self.zero_point_dtype()),
+      activation_post_process=self.activation_post_process.init(x),
+    )
+
+  def observe(self, state, x, axis_name):
+    """The state after the observer saw ``x``, with ``scale``/``zero_point`` from its qparams."""
+    obs = self.activation_post_process
+    obs_state = obs.update(state.activation_post_process, lax.stop_gradient(x), axis_name=axis_name)
+    scale, zero_point = obs.calculate_qparams(obs_state)
+    return state.replace(
+      activation_post_process=_same_types(obs_state, state.activation_post_process),
+      scale=jnp.asarray(scale, jnp.float32).reshape(state.scale.shape),
+      zero_point=jnp.asarray(zero_point).astype(state.zero_point.dtype).reshape(state.scale.shape),
+    )
+
+  def fake_quant(self, x, scale, zero_point) -> jax.Array:
+    """``x`` fake-quantized with the given qparams and the observer's range (torch's forward)."""
+    quant_min, quant_max = self.quant_range
+    if self.is_per_channel:
+      return ops.fake_quantize_per_channel_affine(
+        x, scale, zero_point, self.ch_axis, quant_min, quant_max
+      )
+    return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+
+  def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
+    """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
+    x = check_float_input(x, self)
+    state = lax.cond(
+      state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
+    )
+    y = lax.cond(
+      state.fake_quant_enabled,
+      lambda a: self.fake_quant(*a),
+      lambda a: a[0],
+      (x, state.scale, state.zero_point),
+    )
+    return y, state
+
+  def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
+    """The observer's qparams from its current statistics (torch: not the stored buffers)."""
+    return self.activation_post_process.calculate_qparams(state.activation_post_process)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedQParamsFakeQuantize(FakeQuantize):
+  """torch's ``FixedQParamsFakeQuantize``: fake quantization with a ``FixedQParamsObserver``'s qparams.
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> fq = jo.default_fixed_qparams_range_neg1to1_fake_quant()
+    >>> x = jnp.array([-1.0, 0.0, 0.99, 1.0])
+    >>> fq.apply(fq.init(x), x)[0].tolist()
+    [-1.0, 0.0, 0.9921875, 0.9921875]
+  """
+
+  observer: Any = dataclasses.field(compare=False)
+  quant_min: int | None = dataclasses.field(default=None, init=False)
+  quant_max: int | None = dataclasses.field(default=None, init=False)
+  is_dynamic: bool = dataclasses.field(default=False, init=False)
+
+  def __post_init__(self):
+    super().__post_init__()
+    obs = self.activation_post_process
+    if type(obs) is not FixedQParamsObserver:
+      raise TypeError(
+        f"FixedQParamsFakeQuantize's observer must be a FixedQParamsObserver; got {type(obs).__name__}."
+      )
+    if obs.qscheme.is_per_channel:
+      raise ValueError(
+        f"FixedQParamsFakeQuantize is per tensor only; got qscheme={obs.qscheme.value}."
+      )
+
+  def init(self, x=None) -> FakeQuantizeState:
+    obs = self.activation_post_process
+    return FakeQuantizeState(
+      fake_quant_enabled=jnp.ones((), jnp.bool_),
+      observer_enabled=jnp.ones((), jnp.bool_),
+      scale=jnp.asarray(obs.scale, jnp.float32),
+      zero_point=jnp.asarray(obs.zero_point, jnp.int32),
+      activation_post_process=obs.init(x),
+    )
+
+  def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
+    """The fixed ``(scale, zero_point)`` (torch returns its shared buffers)."""
+    return QParams(scale=state.scale, zero_point=state.zero_point)
+
+
+state_dict.register(
+  FakeQuantize,
+  fake_quant_state_dict.fake_quantize_to_dict,
+  fake_quant_state_dict.fake_quantize_from_dict,
+)

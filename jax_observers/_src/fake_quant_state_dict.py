@@ -1,0 +1,164 @@
+"""torch ``state_dict()`` layouts of the fake-quant modules (registered by their config modules).
+
+``FakeQuantize`` (and ``FixedQParamsFakeQuantize``, ``FusedMovingAvgObsFakeQuantize``)::
+
+  fake_quant_enabled [1] uint8 (int64 when fused), observer_enabled [1], scale [1] or [C] float32,
+  zero_point [1] or [C] int32 (float32 for float qparams), activation_post_process.<observer keys>
+
+``LearnableFakeQuantize``: ``scale``/``zero_point`` float32 [1] or [C], the uint8 [1] flags
+``fake_quant_enabled``, ``observer_enabled`` (unused by torch, written as 1), ``static_enabled``,
+``learning_enabled``, ``eps`` [1] float32, then ``activation_post_process.*``.
+
+Loading follows torch: a flag is on when it equals 1 (fused: when it is nonzero). A per-channel module
+that never observed has ``scale`` [1] and empty observer buffers in torch; loading it needs
+``example=`` (an input) to know the channel count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_observers._src import state_dict as state_dict_lib
+from jax_observers._src.fake_quant_state import FakeQuantizeState, LearnableFakeQuantizeState
+
+PREFIX = "activation_post_process."
+
+
+def _flag(value, dtype=np.uint8) -> np.ndarray:
+  return np.array([int(bool(value))], dtype)
+
+
+def _split(fq, d: dict, own: tuple[str, ...], strict: bool):
+  """``(own values, child dict)``; a missing own key is a KeyError, an unknown one (strict) a ValueError."""
+  child = {k[len(PREFIX) :]: v for k, v in d.items() if k.startswith(PREFIX)}
+  mine = {k: v for k, v in d.items() if not k.startswith(PREFIX)}
+  missing = [k for k in own if k not in mine]
+  if missing:
+    raise KeyError(f"{type(fq).__name__} state_dict is missing {missing}; got {sorted(d)}.")
+  extra = sorted(set(mine) - set(own))
+  if strict and extra:
+    raise ValueError(f"{type(fq).__name__} state_dict has unexpected keys {extra}.")
+  return [np.asarray(mine[k]) for k in own], child
+
+
+def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):
+  """``(observer state, channel count or None)``; a never-observed per-channel state is rebuilt."""
+  obs = fq.activation_post_process
+  state = state_dict_lib.load_state_dict(obs, child, strict=strict, example=example)
+  if not per_channel:
+    return jax.tree_util.tree_map(jnp.asarray, state), None
+  sizes = [np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(state) if np.ndim(leaf)]
+  if 0 in sizes:
+    if example is None:
+      raise ValueError(
+        f"{type(fq).__name__} state_dict comes from a per-channel module that never observed; "
+        "pass example= (an input) so the channel count is known."
+      )
+    state, sizes = obs.init(example), []
+  channels = max(sizes) if sizes else None
+  return jax.tree_util.tree_map(jnp.asarray, state), channels
+
+
+def _qparam(fq, name, value, channels, per_channel: bool, dtype) -> jax.Array:
+  value = np.asarray(value).reshape(-1)
+  if not per_channel:
+    if value.size != 1:
+      raise ValueError(
+        f"{type(fq).__name__} is per tensor; state_dict {name} has shape {value.shape}."
+      )
+    return jnp.asarray(value.reshape(()), dtype)
+  if value.size not in (1, channels):
+    raise ValueError(
+      f"{type(fq).__name__} state_dict {name} has {value.size} values for {channels} channels."
+    )
+  return jnp.asarray(np.broadcast_to(value, (channels,)), dtype)
+
+
+def _channels(fq, scale, observed, example) -> int:
+  """The channel count: from the scale, the observer buffers, or the example input."""
+  if scale.size > 1:
+    return scale.size
+  if observed is not None:
+    return observed
+  if example is not None:
+    return np.shape(example)[fq.ch_axis]
+  return 1
+
+
+def _child_dict(fq, state) -> dict[str, np.ndarray]:
+  child = state_dict_lib.state_dict(fq.activation_post_process, state.activation_post_process)
+  return {PREFIX + k: v for k, v in child.items()}
+
+
+def fake_quantize_to_dict(fq, state) -> dict[str, np.ndarray]:
+  return {
+    "fake_quant_enabled": _flag(state.fake_quant_enabled, fq.torch_flag_dtype),
+    "observer_enabled": _flag(state.observer_enabled, fq.torch_flag_dtype),
+    "scale": np.array(state.scale, np.float32).reshape(-1),
+    "zero_point": np.array(state.zero_point, fq.zero_point_dtype()).reshape(-1),
+    **_child_dict(fq, state),
+  }
+
+
+def fake_quantize_from_dict(fq, d, *, strict, example):
+  own = ("fake_quant_enabled", "observer_enabled", "scale", "zero_point")
+  (fake_quant, observer, scale, zero_point), child = _split(fq, d, own, strict)
+  obs_state, observed = _observer_state(fq, child, strict, example, fq.is_per_channel)
+  channels = _channels(fq, scale, observed, example)
+  if fq.torch_flag_dtype == np.int64:  # the fused kernel tests `if (flag.item().toInt())`
+    on = lambda v: bool(v.reshape(-1)[0] != 0)
+  else:  # FakeQuantize tests `flag[0] == 1`
+    on = lambda v: bool(v.reshape(-1)[0] == 1)
+  per_channel = fq.is_per_channel
+  return FakeQuantizeState(
+    fake_quant_enabled=jnp.asarray(on(fake_quant)),
+    observer_enabled=jnp.asarray(on(observer)),
+    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32),
+    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, fq.zero_point_dtype()),
+    activation_post_process=obs_state,
+  )
+
+
+_LEARNABLE_KEYS = (
+  "scale",
+  "zero_point",
+  "fake_quant_enabled",
+  "observer_enabled",
+  "static_enabled",
+  "learning_enabled",
+  "eps",
+)
+
+
+def learnable_to_dict(fq, state) -> dict[str, np.ndarray]:
+  return {
+    "scale": np.array(state.scale, np.float32).reshape(-1),
+    "zero_point": np.array(state.zero_point, np.float32).reshape(-1),
+    "fake_quant_enabled": _flag(state.fake_quant_enabled),
+    "observer_enabled": _flag(True),
+    "static_enabled": _flag(state.static_enabled),
+    "learning_enabled": _flag(state.learning_enabled),
+    "eps": np.array([fq.eps], np.float32),
+    **_child_dict(fq, state),
+  }
+
+
+def learnable_from_dict(fq, d, *, strict, example):
+  values, child = _split(fq, d, _LEARNABLE_KEYS, strict)
+  scale, zero_point, fake_quant, _, static, learning, eps = values
+  if strict and np.float32(eps.reshape(-1)[0]) != np.float32(fq.eps):
+    raise ValueError(f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from {fq.eps!r}.")
+  per_channel = fq.qscheme.is_per_channel
+  obs_state, observed = _observer_state(fq, child, strict, example, per_channel)
+  channels = _channels(fq, scale, observed, example)
+  on = lambda v: jnp.asarray(bool(v.reshape(-1)[0] == 1))
+  return LearnableFakeQuantizeState(
+    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32),
+    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, jnp.float32),
+    fake_quant_enabled=on(fake_quant),
+    static_enabled=on(static),
+    learning_enabled=on(learning),
+    activation_post_process=obs_state,
+  )
