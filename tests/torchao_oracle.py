@@ -193,10 +193,11 @@ class TorchaoMinMaxObserver(tobs.AffineQuantizedObserverBase):
     )
 
 
-def float8_block_amax(x: torch.Tensor, block):
-  """torchao's per-block ``max(|x|)`` for ``_choose_scale_float8``."""
+def float8_block_amax(x: torch.Tensor, block, torchao_quirk=True):
+  """torchao's per-block ``max(|x|)`` for ``_choose_scale_float8`` (quirk: see block_min_max)."""
   view, dims = reduction_params(block, tuple(x.shape))
-  return torch.amax(torch.abs(x.reshape(view)), dim=dims)
+  v = torch.abs(x.reshape(view))
+  return v if not dims and not torchao_quirk else torch.amax(v, dim=dims)
 
 
 def float8_scale(amax, fp8_dtype, hp_value_lb=None, hp_value_ub=None):
