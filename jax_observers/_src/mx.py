@@ -13,7 +13,8 @@ block scale is :math:`2^k` with
 
 :math:`k` is clipped to [-127, 127] and stored biased (:math:`k + 127`, a byte); a non-finite
 :math:`a` gives the NaN byte 255. Elements are :math:`\mathrm{fmt}(\mathrm{clip}(x \cdot 2^{-k},
--F, F))`. All of it is computed on the float32 bits, as torchao does.
+-F, F))`. All of it is computed on the float32 bits, as torchao does. XLA has no float6 arrays:
+for the fp6 formats the scales are available, the element cast raises NotImplementedError.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def mx_exponent_from_amax(amax: jax.typing.ArrayLike, elem_dtype, mode) -> jax.A
     return jnp.where(jnp.isfinite(descale), exponent, E8M0_NAN).astype(jnp.uint8)
   bits = _bits(amax)
   if mode == ScaleCalculationMode.EVEN:
-    rounded = (bits + (1 << (23 - mbits - 1))) & 0xFF800000
+    rounded = (bits + np.uint32(1 << (23 - mbits - 1))) & np.uint32(0xFF800000)
     amax = jnp.where(jnp.isnan(amax), amax, _float(rounded))
     bits = _bits(amax)
   pow2 = ((bits >> 23) & 0xFF).astype(jnp.int32) - 127
@@ -118,7 +119,15 @@ def _scale_to_exponent(scale) -> jax.Array:
   return jnp.where(jnp.isnan(scale), np.uint32(E8M0_NAN), e).astype(jnp.uint8)
 
 
+_NO_XLA_ARRAYS = (np.dtype(jnp.float6_e2m3fn), np.dtype(jnp.float6_e3m2fn))
+
+
 def _cast_elements(scaled, elem_dtype) -> jax.Array:
+  if np.dtype(elem_dtype) in _NO_XLA_ARRAYS:
+    raise NotImplementedError(
+      f"elem_dtype={np.dtype(elem_dtype).name}: XLA has no float6 arrays, so MX elements cannot be "
+      "cast to it; its E8M0 scales (mx_exponent_from_amax, MXObserver.calculate_qparams) are exact."
+    )
   fmax = np.float32(MX_ELEMENT_FORMATS[np.dtype(elem_dtype)][2])
   return jnp.clip(scaled, -fmax, fmax).astype(elem_dtype)
 
