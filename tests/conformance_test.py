@@ -96,9 +96,14 @@ def test_vmap_over_a_stack_of_states_equals_a_loop(obs, shape):
   states = jax.vmap(obs.init)(stacks[0])
   for x in stacks:
     states = jax.jit(jax.vmap(obs.update))(states, x)
+  qparams = jax.jit(jax.vmap(functools.partial(qparams_or_none, obs), axis_size=4))(states)
   for i in range(4):
     single = observe(obs, [x[i] for x in stacks])
     chex.assert_trees_all_equal(jax.tree.map(lambda leaf, i=i: leaf[i], states), single)
+    # vmapped qparams keep exact division (XLA must not turn it into a reciprocal multiply)
+    chex.assert_trees_all_equal(
+      jax.tree.map(lambda leaf, i=i: leaf[i], qparams), qparams_or_none(obs, single)
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

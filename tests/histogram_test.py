@@ -218,11 +218,6 @@ def test_vmap_equals_loop():
     assert (lo[i], hi[i]) == obs.search_range(one)
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="numerics.exact_div (core) is rewritten into a reciprocal multiply under vmap, so the "
-  "batched scale can be 1 ulp off torch's; remove this mark when the core fixes it.",
-)
 def test_vmap_qparams_equal_loop():
   obs = jo.HistogramObserver(bins=64)
   xs = np.random.default_rng(5).standard_normal((3, N)).astype(np.float32) * np.float32(

@@ -17,16 +17,42 @@ INT32_MIN = np.int32(np.iinfo(np.int32).min)
 _TWO_POW_31 = np.float32(2.0**31)
 
 
+@jax.custom_batching.custom_vmap
+def _barrier_div(numerator: jax.Array, divisor: jax.Array) -> jax.Array:
+  return numerator / lax.optimization_barrier(divisor)
+
+
+@_barrier_div.def_vmap
+def _barrier_div_vmap(axis_size, in_batched, numerator, divisor):
+  # vmap would broadcast an unbatched divisor *after* the barrier, where XLA can rewrite the
+  # division again; batch both operands first so the barrier holds the full divisor.
+  if not in_batched[0]:
+    numerator = jnp.broadcast_to(numerator, (axis_size, *numerator.shape))
+  if not in_batched[1]:
+    divisor = jnp.broadcast_to(divisor, (axis_size, *divisor.shape))
+  return _barrier_div(numerator, divisor), True
+
+
+@jax.custom_jvp
 def exact_div(numerator: jax.Array, divisor) -> jax.Array:
   """``numerator / divisor`` as one IEEE division, never a reciprocal multiply.
 
   The divisor is broadcast to the numerator's shape behind an optimization barrier so that XLA's
-  algebraic simplifier cannot turn the division into a multiplication by ``1 / divisor``.
+  algebraic simplifier cannot turn the division into a multiplication by ``1 / divisor``; under
+  ``vmap`` both operands are batched before the barrier, for the same reason.
   """
   numerator = jnp.asarray(numerator)
   shape = jnp.broadcast_shapes(numerator.shape, jnp.shape(divisor))
   divisor = jnp.broadcast_to(jnp.asarray(divisor, numerator.dtype), shape)
-  return jnp.broadcast_to(numerator, shape) / lax.optimization_barrier(divisor)
+  return _barrier_div(jnp.broadcast_to(numerator, shape), divisor)
+
+
+@exact_div.defjvp
+def _exact_div_jvp(primals, tangents):
+  numerator, divisor = primals
+  d_numerator, d_divisor = tangents
+  quotient = exact_div(numerator, divisor)
+  return quotient, (d_numerator - quotient * d_divisor) / divisor
 
 
 def rounded(value: jax.Array) -> jax.Array:
