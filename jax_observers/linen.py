@@ -28,6 +28,13 @@ import flax.linen as nn
 import jax
 
 from jax_observers._src.base import QParamsUnavailableError
+from jax_observers._src.fake_quant_state import (
+  disable_fake_quant,
+  disable_observer,
+  enable_fake_quant,
+  enable_observer,
+)
+from jax_observers._src.learnable import LearnableFakeQuantize
 
 COLLECTION = "observers"
 QPARAMS = "qparams"
@@ -69,6 +76,49 @@ class Observe(nn.Module):
     return x
 
 
+class FakeQuant(nn.Module):
+  """Fake-quantizes its input with ``config`` (``jo.FakeQuantize``, fused, fixed or learnable).
+
+  The fake-quant state (observer state, ``scale``/``zero_point`` buffers, the enable flags) lives in
+  ``'observers'``. When that collection is immutable (inference, or training with frozen ranges) the
+  stored qparams are used and nothing is observed. Gradients reach ``x`` through torch's
+  straight-through mask. Toggle a whole model with ``jo.disable_observer(variables)``,
+  ``jo.disable_fake_quant(variables)`` and friends (re-exported here).
+
+  For ``jo.LearnableFakeQuantize`` (LSQ), ``scale`` and ``zero_point`` are ``'params'`` so the
+  optimizer trains them; while the state's ``static_enabled`` flag is on (calibration), apply with
+  ``mutable=["observers", "params"]`` so the observed qparams are written into those params.
+
+  Attributes:
+    config: a fake-quant config.
+    axis_name: a mapped axis to sync the observer's batch statistic over.
+  """
+
+  config: Any
+  axis_name: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    state_var = self.variable(COLLECTION, "state", self.config.init, x)
+    state = state_var.value
+    learnable = isinstance(self.config, LearnableFakeQuantize)
+    if learnable:
+      scale = self.param("scale", lambda _: state.scale)
+      zero_point = self.param("zero_point", lambda _: state.zero_point)
+      state = state.replace(scale=scale, zero_point=zero_point)
+    updating = _updating(self)
+    if not updating:
+      state = disable_observer(state)
+    y, new_state = self.config.apply(state, x, axis_name=self.axis_name)
+    if updating:
+      if learnable and self.is_mutable_collection("params"):
+        self.put_variable("params", "scale", new_state.scale)
+        self.put_variable("params", "zero_point", new_state.zero_point)
+      state_var.value = new_state
+    _sow_qparams(self, self.config, new_state)
+    return y
+
+
 def calculate_qparams(model: nn.Module, variables, *args, **kwargs) -> dict:
   """The QParams of every observer in ``model``, keyed by module path (a nested dict).
 
@@ -76,6 +126,18 @@ def calculate_qparams(model: nn.Module, variables, *args, **kwargs) -> dict:
   """
   _, out = model.apply(variables, *args, mutable=[QPARAMS], **kwargs)
   return _strip(dict(out.get(QPARAMS, {})))
+
+
+__all__ = [
+  "COLLECTION",
+  "FakeQuant",
+  "Observe",
+  "calculate_qparams",
+  "disable_fake_quant",
+  "disable_observer",
+  "enable_fake_quant",
+  "enable_observer",
+]
 
 
 def _strip(tree):

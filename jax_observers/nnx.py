@@ -22,7 +22,9 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jax_observers._src import fake_quant_state
 from jax_observers._src.base import QParamsUnavailableError
+from jax_observers._src.learnable import LearnableFakeQuantize
 
 
 class ObserverVariable(nnx.Variable):
@@ -60,6 +62,47 @@ class Observe(nnx.Module):
     return self.observer.calculate_qparams(self.state.get_value())
 
 
+class FakeQuant(nnx.Module):
+  """Fake-quantizes its input with ``config`` (``jo.FakeQuantize``, fused, fixed or learnable).
+
+  The fake-quant state is an :class:`ObserverVariable`; for ``jo.LearnableFakeQuantize`` (LSQ) the
+  ``scale`` and ``zero_point`` are ``nnx.Param`` so optimizers train them, and the forward writes
+  back torch's in-place updates (the observed qparams while static, the eps clamp otherwise).
+
+  Args:
+    config: a fake-quant config.
+    example: an input example (shape and dtype) to size the state.
+    axis_name: a mapped axis to sync the observer's batch statistic over.
+  """
+
+  def __init__(self, config: Any, example, *, axis_name=None):
+    state = config.init(example)
+    self.config = config
+    self.learnable = isinstance(config, LearnableFakeQuantize)
+    if self.learnable:
+      self.scale = nnx.Param(state.scale)
+      self.zero_point = nnx.Param(state.zero_point)
+    self.state = ObserverVariable(state)
+    self.axis_name = axis_name
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    state = self.state.get_value()
+    if self.learnable:
+      state = state.replace(scale=self.scale.get_value(), zero_point=self.zero_point.get_value())
+    y, new_state = self.config.apply(state, x, axis_name=self.axis_name)
+    if self.learnable:
+      self.scale.set_value(new_state.scale)
+      self.zero_point.set_value(new_state.zero_point)
+    self.state.set_value(new_state)
+    return y
+
+  def calculate_qparams(self):
+    state = self.state.get_value()
+    if self.learnable:
+      state = state.replace(scale=self.scale.get_value(), zero_point=self.zero_point.get_value())
+    return self.config.calculate_qparams(state)
+
+
 def _modules(model: nnx.Module):
   for path, module in nnx.iter_modules(model):
     if hasattr(module, "calculate_qparams") and isinstance(
@@ -80,11 +123,26 @@ def calculate_qparams(model: nnx.Module) -> dict[str, Any]:
 
 
 def enable_observer(model: nnx.Module, enabled: bool = True) -> None:
-  """Switches statistics updates on (or off) in every observer module of ``model``, in place."""
+  """Switches statistics updates on (or off) in every observer and fake-quant module, in place."""
   for _, module in _modules(model):
-    module.observing = enabled
+    if isinstance(module, FakeQuant):
+      module.state.set_value(fake_quant_state.enable_observer(module.state.get_value(), enabled))
+    else:
+      module.observing = enabled
 
 
 def disable_observer(model: nnx.Module) -> None:
   """Freezes the statistics of every observer module of ``model``, in place."""
   enable_observer(model, False)
+
+
+def enable_fake_quant(model: nnx.Module, enabled: bool = True) -> None:
+  """Switches fake quantization on (or off) in every fake-quant module of ``model``, in place."""
+  for _, module in _modules(model):
+    if isinstance(module, FakeQuant):
+      module.state.set_value(fake_quant_state.enable_fake_quant(module.state.get_value(), enabled))
+
+
+def disable_fake_quant(model: nnx.Module) -> None:
+  """Makes every fake-quant module of ``model`` pass its input through, in place."""
+  enable_fake_quant(model, False)
