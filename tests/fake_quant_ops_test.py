@@ -12,6 +12,12 @@ import jax_observers as jo
 
 torch = pytest.importorskip("torch")
 
+# Jitted entry points: one compile per static configuration keeps the file fast.
+FQ_TENSOR = jax.jit(jo.fake_quantize_per_tensor_affine, static_argnums=(3, 4))
+FQ_CHANNEL = jax.jit(jo.fake_quantize_per_channel_affine, static_argnums=(3, 4, 5))
+QUANTIZE = jax.jit(jo.quantize, static_argnames=("dtype", "axis", "quant_min", "quant_max"))
+DEQUANTIZE = jax.jit(jo.dequantize, static_argnames=("axis", "dtype"))
+
 RANGES = [(0, 255), (-128, 127), (0, 15), (-32768, 32767), (-8, 7), (0, 127)]
 FLOATS = {
   "float32": (np.float32, jnp.float32, torch.float32),
@@ -114,25 +120,36 @@ def test_eager_equals_jit():
 
 
 def test_torch_edge_cases_e13_e14_e15():
-  x = jnp.array([-356.9170837402344])
-  s = 0.7506142854690552
-  y = jo.fake_quantize_per_tensor_affine(x, s, 0, -1000, 1000)
-  assert (
-    float(y[0])
-    == torch.fake_quantize_per_tensor_affine(torch.tensor([x[0].item()]), s, 0, -1000, 1000).item()
+  @jax.jit
+  def cases(e13, e14, e15):
+    return (
+      jo.fake_quantize_per_tensor_affine(e13, 0.7506142854690552, 0, -1000, 1000),
+      jax.grad(lambda a: jo.fake_quantize_per_tensor_affine(a, 0.5, 2, 0, 10).sum())(e14),
+      jo.fake_quantize_per_tensor_affine(e15, 0.1, 0, -128, 127),
+    )
+
+  x13 = np.array([-356.9170837402344], np.float32)
+  y13, g14, y15 = cases(
+    x13, jnp.array([-1.251, -1.25, 4.25, 4.251]), jnp.array([np.nan, np.inf, -np.inf])
   )
-  assert float(y[0]) == float(np.float32(-475) * np.float32(s))  # not rne(x / s) = -476
-  x = jnp.array([-1.251, -1.25, 4.25, 4.251])
-  grad = jax.grad(lambda a: jo.fake_quantize_per_tensor_affine(a, 0.5, 2, 0, 10).sum())(x)
-  assert grad.tolist() == [0.0, 1.0, 1.0, 0.0]
-  y = jo.fake_quantize_per_tensor_affine(jnp.array([np.nan, np.inf, -np.inf]), 0.1, 0, -128, 127)
-  assert y.tolist() == [float(np.float32(-12.8)), float(np.float32(12.7)), float(np.float32(-12.8))]
+  s = 0.7506142854690552
+  assert (
+    float(y13[0])
+    == torch.fake_quantize_per_tensor_affine(torch.from_numpy(x13), s, 0, -1000, 1000).item()
+  )
+  assert float(y13[0]) == float(np.float32(-475) * np.float32(s))  # not rne(x / s) = -476
+  assert g14.tolist() == [0.0, 1.0, 1.0, 0.0]
+  assert y15.tolist() == [
+    float(np.float32(-12.8)),
+    float(np.float32(12.7)),
+    float(np.float32(-12.8)),
+  ]
 
 
 def test_tensor_overload_truncates_float_zero_point_and_skips_range_check():
   x = jnp.array([0.5, 1.5])
   for zp in (2.7, 20.0):
-    got = jo.fake_quantize_per_tensor_affine(x, jnp.array([0.5]), jnp.array([zp]), 0, 10)
+    got = FQ_TENSOR(x, jnp.array([0.5]), jnp.array([zp]), 0, 10)
     want = torch.fake_quantize_per_tensor_affine(
       torch.tensor([0.5, 1.5]), torch.tensor([0.5]), torch.tensor([zp]), 0, 10
     )
@@ -213,12 +230,12 @@ def test_float64_inputs_match_torch():
   s32 = np.array([0.0371, 0.5], np.float32)
   with jax.enable_x64(True):
     xj = jnp.asarray(x)
-    got = jo.fake_quantize_per_tensor_affine(xj, 0.0371, 3, -128, 127)
+    got = FQ_TENSOR(xj, 0.0371, 3, -128, 127)
     want = torch.fake_quantize_per_tensor_affine(torch.from_numpy(x.copy()), 0.0371, 3, -128, 127)
     assert got.dtype == jnp.float64
     np.testing.assert_array_equal(np.asarray(got), want.numpy())
     for zp in (np.array([3, -1], np.int32), np.array([3.3, -1.7], np.float32)):
-      got = jo.fake_quantize_per_channel_affine(xj, s32, zp, 0, -128, 127)
+      got = FQ_CHANNEL(xj, s32, zp, 0, -128, 127)
       want = torch.fake_quantize_per_channel_affine(
         torch.from_numpy(x.copy()), torch.from_numpy(s32), torch.from_numpy(zp), 0, -128, 127
       )
@@ -231,7 +248,7 @@ def test_wide_int32_range_per_tensor():
   x[:4] = [np.nan, np.inf, -np.inf, 3e38]
   qmin, qmax = -(2**31), 2**31 - 1
   for zp in (0, 2**30 + 7, -(2**31) + 5):
-    got = jo.fake_quantize_per_tensor_affine(x, 0.013, zp, qmin, qmax)
+    got = FQ_TENSOR(x, 0.013, zp, qmin, qmax)
     want = torch.fake_quantize_per_tensor_affine(torch.from_numpy(x), 0.013, zp, qmin, qmax)
     np.testing.assert_array_equal(bits(got), bits(want.numpy()))
 
@@ -263,8 +280,8 @@ def test_per_channel_accepts_negative_axis():
   x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 3)), jnp.float32)
   s, z = jnp.array([0.1, 0.2, 0.3]), jnp.array([1, 2, 3], jnp.int32)
   np.testing.assert_array_equal(
-    jo.fake_quantize_per_channel_affine(x, s, z, -1, -128, 127),
-    jo.fake_quantize_per_channel_affine(x, s, z, 1, -128, 127),
+    FQ_CHANNEL(x, s, z, -1, -128, 127),
+    FQ_CHANNEL(x, s, z, 1, -128, 127),
   )
 
 
@@ -293,14 +310,14 @@ def test_quantize_dequantize_match_torch_on_finite_inputs(dtype, tdtype, qmin, q
     tqc = torch.quantize_per_channel(
       torch.from_numpy(x), torch.from_numpy(sc), torch.from_numpy(zc), 0, tdtype
     )
-  q = jo.quantize(x, s, zp, dtype=dtype, quant_min=qmin, quant_max=qmax)
+  q = QUANTIZE(x, s, zp, dtype=dtype, quant_min=qmin, quant_max=qmax)
   assert q.dtype == dtype
   np.testing.assert_array_equal(np.asarray(q), tq.int_repr().numpy())
-  np.testing.assert_array_equal(bits(jo.dequantize(q, s, zp)), bits(tq.dequantize().numpy()))
-  qc = jo.quantize(x, sc, zc.astype(np.int32), dtype=dtype, axis=0)
+  np.testing.assert_array_equal(bits(DEQUANTIZE(q, s, zp)), bits(tq.dequantize().numpy()))
+  qc = QUANTIZE(x, sc, zc.astype(np.int32), dtype=dtype, axis=0)
   np.testing.assert_array_equal(np.asarray(qc), tqc.int_repr().numpy())
   np.testing.assert_array_equal(
-    bits(jo.dequantize(qc, sc, zc, axis=0)), bits(tqc.dequantize().numpy())
+    bits(DEQUANTIZE(qc, sc, zc, axis=0)), bits(tqc.dequantize().numpy())
   )
 
 
@@ -314,10 +331,10 @@ def test_dequantize_of_quantize_is_fake_quantize(zp_kind):
     else rng.uniform(0, 15, 3).astype(np.float32)
   )
   x = hard_inputs(rng, 0.05, 5, 0, 15, 300).reshape(3, 100)
-  q = jo.quantize(x, scale, zp, dtype=jnp.uint4, axis=0)
+  q = QUANTIZE(x, scale, zp, dtype=jnp.uint4, axis=0)
   assert q.dtype == jnp.uint4
-  fq = jo.fake_quantize_per_channel_affine(x, scale, zp, 0, 0, 15)
-  np.testing.assert_array_equal(bits(jo.dequantize(q, scale, zp, axis=0)), bits(fq))
-  q = jo.quantize(x, scale[0], 5, dtype=jnp.int8, quant_min=-8, quant_max=7)
-  fq = jo.fake_quantize_per_tensor_affine(x, float(scale[0]), 5, -8, 7)
-  np.testing.assert_array_equal(bits(jo.dequantize(q, scale[0], 5, dtype=jnp.float32)), bits(fq))
+  fq = FQ_CHANNEL(x, scale, zp, 0, 0, 15)
+  np.testing.assert_array_equal(bits(DEQUANTIZE(q, scale, zp, axis=0)), bits(fq))
+  q = QUANTIZE(x, scale[0], 5, dtype=jnp.int8, quant_min=-8, quant_max=7)
+  fq = FQ_TENSOR(x, float(scale[0]), 5, -8, 7)
+  np.testing.assert_array_equal(bits(DEQUANTIZE(q, scale[0], 5, dtype=jnp.float32)), bits(fq))

@@ -92,6 +92,12 @@ def _element_grads(x, dy, scale, z_b, quant_min, quant_max, grad_factor, per_cha
   return dx, dscale, dzero
 
 
+def _sum(values, axes):
+  """A float32 sum that, like torch's, starts from +0.0 (a sum of -0.0 terms is +0.0)."""
+  total = jnp.sum(values, axis=axes)
+  return jnp.where(total == 0, jnp.zeros_like(total), total)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _learnable(x, scale, zero_point, spec):
   return _learnable_fwd(x, scale, zero_point, spec)[0]
@@ -125,8 +131,8 @@ def _learnable_bwd(spec, residuals, dy):
       quant_min, quant_max, grad_factor, per_channel,
   )  # fmt: skip
   axes = tuple(i for i in range(x.ndim) if i != axis) if per_channel else None
-  dscale = jnp.sum(ds, axis=axes).reshape(scale.shape).astype(scale.dtype)
-  dzero = jnp.sum(dz, axis=axes).reshape(zero_point.shape).astype(zero_point.dtype)
+  dscale = _sum(ds, axes).reshape(scale.shape).astype(scale.dtype)
+  dzero = _sum(dz, axes).reshape(zero_point.shape).astype(zero_point.dtype)
   return dx.astype(x.dtype), dscale, dzero
 
 
