@@ -57,10 +57,12 @@ def pow2_round(x: jax.typing.ArrayLike, mode: str) -> jax.Array:
   elif mode == "round":
     exponent = exponent + (fraction >= _ROUND_UP_FRACTION)
   normal_bits = (jnp.clip(exponent, -126, 128) + 127).astype(jnp.uint32) << 23
+  # No test for +-0 here: LLVM folds `(bits & 0x7fffffff) == 0` into `x == 0.0`, which XLA:CPU's
+  # denormals-are-zero mode makes true for subnormals. A zero (mantissa 0) gives 0 arithmetically.
   subnormal_bits = jnp.uint32(1) << jnp.clip(exponent + 149, 0, 31).astype(jnp.uint32)
+  subnormal_bits = subnormal_bits * jnp.minimum(mantissa, 1).astype(jnp.uint32)
   out = jnp.where(exponent >= -126, normal_bits, subnormal_bits) | sign
-  keep = ((bits & 0x7FFFFFFF) == 0) | (biased == 0xFF)  # on the bits: XLA:CPU reads subnormals as 0
-  return jnp.where(keep, x, lax.bitcast_convert_type(out, jnp.float32))
+  return jnp.where(biased == 0xFF, x, lax.bitcast_convert_type(out, jnp.float32))
 
 
 def pow2_scale(qparams: QParams, mode: str = "ceil") -> QParams:
