@@ -134,6 +134,7 @@ from jax_observers._src.weights import (
   QuantizedArray,
   dequantize_params,
   int4_weight_rules,
+  quantize_array,
   quantize_params,
   sqnr,
 )
@@ -256,6 +257,7 @@ __all__ = [
   "pow2_scale",
   "quantize",
   "quantize_affine",
+  "quantize_array",
   "quantize_params",
   "sqnr",
   "state_dict",
