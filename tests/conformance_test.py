@@ -50,6 +50,59 @@ CASES = [
   pytest.param(
     jo.HistogramEntropyObserver(bins=64, start_bin=16, num_quantized_bins=16), (8, 3), id="hist-kl"
   ),
+  # Granularities, fp8, MX, pow2 (issue 5). Activation cases use token_axes=1: the example is
+  # sharded along axis 0, and token axes keep the state shape independent of the token count.
+  pytest.param(
+    jo.AffineQuantizedMinMaxObserver(
+      mapping_type=jo.MappingType.ASYMMETRIC,
+      target_dtype=jnp.uint4,
+      granularity=jo.PerGroup(4),
+      token_axes=1,
+    ),
+    (8, 3, 8),
+    id="affine-uint4-group",
+  ),
+  pytest.param(
+    jo.AffineQuantizedMinMaxObserver(
+      mapping_type=jo.MappingType.SYMMETRIC, target_dtype=jnp.int8, granularity=jo.PerToken()
+    ),
+    (8, 6),
+    id="affine-per-token",
+  ),
+  pytest.param(
+    jo.AffineQuantizedMinMaxObserver(
+      mapping_type=jo.MappingType.SYMMETRIC_NO_CLIPPING_ERR,
+      target_dtype=jnp.int4,
+      granularity=jo.PerAxis(-1),
+      token_axes=1,
+    ),
+    (8, 6),
+    id="affine-no-clip-axis",
+  ),
+  pytest.param(
+    jo.AffineQuantizedMovingAverageMinMaxObserver(
+      mapping_type=jo.MappingType.ASYMMETRIC,
+      target_dtype=jnp.uint8,
+      granularity=jo.PerBlock((2, 4)),
+      preserve_zero=False,
+      zero_point_domain=jo.ZeroPointDomain.FLOAT,
+      token_axes=1,
+      pad_partial_blocks=True,
+      averaging_constant=0.5,
+    ),
+    (8, 5, 6),
+    id="affine-ema-block-pad",
+  ),
+  pytest.param(jo.Float8Observer(granularity=jo.PerRow(), token_axes=1), (8, 4, 6), id="fp8-row"),
+  pytest.param(jo.Float8DelayedScalingObserver(history_len=4), (8, 5), id="fp8-delayed"),
+  pytest.param(jo.MXObserver(token_axes=1), (8, 64), id="mx-fp8"),
+  pytest.param(
+    jo.Pow2ScaleObserver(
+      observer=jo.MinMaxObserver(dtype=jnp.int8, qscheme=jo.per_tensor_symmetric), mode="round"
+    ),
+    (8, 5),
+    id="pow2-round",
+  ),
 ]
 
 _FLOAT_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
