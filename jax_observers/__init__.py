@@ -1,6 +1,6 @@
 """jax_observers: quantization observers for JAX and Flax, bit-exact with torch.ao.quantization."""
 
-from jax_observers import linen, nnx
+from jax_observers import linen, nnx, plot
 from jax_observers._src.affine import (
   AffineQuantizedMinMaxObserver,
   AffineQuantizedMovingAverageMinMaxObserver,
@@ -253,6 +253,7 @@ __all__ = [
   "per_channel_weight_observer_range_neg_127_to_127",
   "per_tensor_affine",
   "per_tensor_symmetric",
+  "plot",
   "pow2_round",
   "pow2_scale",
   "quantize",
