@@ -103,6 +103,17 @@ CASES = [
     (8, 5),
     id="pow2-round",
   ),
+  pytest.param(
+    jo.FakeQuantize(
+      observer=jo.MovingAveragePerChannelMinMaxObserver.with_args(ch_axis=1, dtype=jnp.int8),
+      quant_min=-128,
+      quant_max=127,
+    ),
+    (8, 4),
+    id="fake-quant-pc",
+  ),
+  pytest.param(jo.default_fused_act_fake_quant(use_kernel_params=True), (8, 3), id="fused-kernel"),
+  pytest.param(jo.LearnableFakeQuantize(quant_min=0, quant_max=255), (8, 3), id="learnable"),
 ]
 
 _FLOAT_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}

@@ -12,7 +12,7 @@ The protocol (shared with :mod:`fake_quant_fused` and :mod:`learnable`), for a c
 * ``jo.enable_observer(state)`` / ``jo.disable_fake_quant(tree)`` ... flip the flags, which live in the
   state (torch keeps them in buffers) so toggling never recompiles.
 
-Under ``jax.jit`` the flags are traced and select branches with ``lax.cond``.
+Under ``jax.jit`` the flags are traced and pick branches with ``lax.cond`` (eagerly, a Python ``if``).
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ def build_observer(observer, quant_min, quant_max, *, strict_order: bool, **extr
   if isinstance(observer, Observer):
     return observer.replace(**kwargs)
   return observer(**kwargs)
+
+
+def branch(flag, if_true, if_false, operand):
+  """``lax.cond`` on a traced flag; a plain Python branch on a concrete one (fast eager calls)."""
+  if isinstance(flag, jax.core.Tracer):
+    return lax.cond(flag, if_true, if_false, operand)
+  return if_true(operand) if bool(flag) else if_false(operand)
 
 
 def _same_types(new, old):
@@ -222,10 +229,10 @@ class FakeQuantize(FakeQuantizeBase):
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
     x = check_float_input(x, self)
-    state = lax.cond(
+    state = branch(
       state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
     )
-    y = lax.cond(
+    y = branch(
       state.fake_quant_enabled,
       lambda a: self.fake_quant(*a),
       lambda a: a[0],

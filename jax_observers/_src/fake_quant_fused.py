@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src.base import QParams, check_float_input
-from jax_observers._src.fake_quant import FakeQuantize, _same_types
+from jax_observers._src.fake_quant import FakeQuantize, _same_types, branch
 from jax_observers._src.fake_quant_state import FakeQuantizeState
 from jax_observers._src.minmax import MovingAverageMinMaxObserver
 from jax_observers._src.per_channel import MovingAveragePerChannelMinMaxObserver
@@ -194,10 +194,10 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
       new = obs.update(s.activation_post_process, lax.stop_gradient(x), axis_name=axis_name)
       return s.replace(activation_post_process=_same_types(new, s.activation_post_process))
 
-    state = lax.cond(state.observer_enabled, observe, lambda s: s, state)
+    state = branch(state.observer_enabled, observe, lambda s: s, state)
     active = state.observer_enabled | state.fake_quant_enabled
-    state = lax.cond(active, self._refresh, lambda s: s, state)
-    y = lax.cond(
+    state = branch(active, self._refresh, lambda s: s, state)
+    y = branch(
       state.fake_quant_enabled,
       lambda a: self.fake_quant(*a),
       lambda a: a[0],

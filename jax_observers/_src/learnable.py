@@ -29,7 +29,7 @@ from jax import lax
 
 from jax_observers._src import fake_quant_state_dict, learnable_ops, state_dict
 from jax_observers._src.base import FLOAT32_EPS, Observer, QParams, QScheme, check_float_input
-from jax_observers._src.fake_quant import FakeQuantizeBase, _same_types, build_observer
+from jax_observers._src.fake_quant import FakeQuantizeBase, _same_types, branch, build_observer
 from jax_observers._src.fake_quant_state import LearnableFakeQuantizeState
 from jax_observers._src.minmax import MovingAverageMinMaxObserver
 
@@ -188,14 +188,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     """``(y, new_state)``; gradients flow to ``x`` and (while learning) to ``scale``/``zero_point``."""
     x = check_float_input(x, self)
     observe = lambda s: self._observe(s, x, axis_name)
-    obs_state, scale, zero_point = lax.cond(state.static_enabled, observe, self._clamp, state)
+    obs_state, scale, zero_point = branch(state.static_enabled, observe, self._clamp, state)
     learning = state.learning_enabled
     scale = _with_gradient_of(state.scale, lax.stop_gradient(scale), learning)
     zero_point = _with_gradient_of(state.zero_point, lax.stop_gradient(zero_point), learning)
     if self.qscheme.is_symmetric:  # torch: zero_point.data.zero_() before fake quantizing
       zeros = _with_gradient_of(zero_point, jnp.zeros_like(zero_point), True)
       zero_point = jnp.where(state.fake_quant_enabled, zeros, zero_point)
-    y = lax.cond(
+    y = branch(
       state.fake_quant_enabled,
       lambda a: self._fake_quant(*a, axis_name),
       lambda a: a[0],
