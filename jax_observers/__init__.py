@@ -36,12 +36,11 @@ from jax_observers._src.fake_quant import (
   FakeQuantizeBase,
   FixedQParamsFakeQuantize,
 )
+from jax_observers._src.fake_quant_codes import dequantize, quantize
 from jax_observers._src.fake_quant_fused import FusedMovingAvgObsFakeQuantize
 from jax_observers._src.fake_quant_ops import (
-  dequantize,
   fake_quantize_per_channel_affine,
   fake_quantize_per_tensor_affine,
-  quantize,
 )
 from jax_observers._src.fake_quant_presets import (
   default_affine_fixed_qparams_fake_quant,

@@ -321,6 +321,15 @@ def test_quantize_dequantize_match_torch_on_finite_inputs(dtype, tdtype, qmin, q
   )
 
 
+def test_quantize_keeps_fake_quant_semantics_for_nan_where_torch_quantize_differs():
+  x = np.array([np.nan, np.inf, -np.inf], np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = torch.quantize_per_tensor(torch.from_numpy(x), 0.1, 3, torch.quint8).int_repr()
+  assert theirs.tolist() == [255, 255, 0]  # torch.quantize_per_tensor: NaN -> quant_max
+  assert QUANTIZE(x, 0.1, 3, dtype=jnp.uint8).tolist() == [0, 255, 0]  # the fake-quant code
+
+
 @pytest.mark.parametrize("zp_kind", ["int", "float"])
 def test_dequantize_of_quantize_is_fake_quantize(zp_kind):
   rng = np.random.default_rng(7)

@@ -18,9 +18,20 @@ CPU kernels compute it:
   AVX2/AVX512 kernels, and :math:`y` is rounded once from :math:`(q - z) s`.
 * float16/bfloat16 inputs are computed in float32 and the result is rounded to the input dtype;
   float64 inputs (with ``jax_enable_x64``) round :math:`x \cdot (1/s)` in float64, as torch does.
+* No gradient reaches ``scale`` or ``zero_point`` (zero cotangents; torch raises if they require
+  grad). Use :mod:`learnable_ops` to learn them.
 
-:func:`quantize` returns the clipped integer codes and :func:`dequantize` maps them back, so
-``dequantize(quantize(x, ...), ...)`` equals the fake-quantized ``x`` bit for bit.
+Deviations from torch 2.13 on x86 (everything else is bit for bit, NaN and ties included):
+
+* Per channel, +inf and :math:`|x/s| \ge 2^{63}` saturate to :math:`q_{max}` like the per-tensor op
+  (and torch on CUDA/ARM); torch's x86 ``int64`` cast sends them to :math:`q_{min}`. The gradient
+  mask is 0 either way.
+* Per channel with a range wider than :math:`2^{24}` codes (int32), :math:`(q - z) s` is rounded
+  twice here (float32 difference, then product); torch rounds the exact product once (in double).
+* Negative ``axis`` values are accepted (torch requires ``0 <= axis``); an int ``zero_point`` array
+  is range-checked only when its values are known at trace time.
+
+:mod:`fake_quant_codes` exposes the integer codes themselves (``quantize``/``dequantize``).
 """
 
 from __future__ import annotations
@@ -36,7 +47,6 @@ from jax_observers._src import fake_quant_numerics as fqn
 from jax_observers._src import numerics
 
 _INT32 = np.iinfo(np.int32)
-_EXACT_SPAN = 2**24  # ranges up to this width are exact in float32
 
 
 def check_quant_range(quant_min, quant_max) -> tuple[int, int]:
@@ -301,87 +311,3 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quan
     x, scale, zero_point, axis, quant_min, quant_max, fn
   )
   return _fake_quant(x, scale, zero_point, (axis, quant_min, quant_max))
-
-
-def _integer_range(dtype, quant_min, quant_max) -> tuple[np.dtype, int, int]:
-  try:
-    info = jnp.iinfo(dtype)
-  except ValueError:
-    raise ValueError(f"dtype={dtype!r} is not an integer dtype.") from None
-  quant_min = int(info.min) if quant_min is None else quant_min
-  quant_max = int(info.max) if quant_max is None else quant_max
-  quant_min, quant_max = check_quant_range(quant_min, quant_max)
-  if quant_min < info.min or quant_max > info.max:
-    raise ValueError(
-      f"[quant_min, quant_max] = [{quant_min}, {quant_max}] does not fit dtype {info.dtype}."
-    )
-  return np.dtype(info.dtype), quant_min, quant_max
-
-
-def quantize(
-  x, scale, zero_point, *, dtype, axis=None, quant_min=None, quant_max=None
-) -> jax.Array:
-  r"""The integer codes :math:`\mathrm{clip}(z + \mathrm{rne}(x \cdot \tfrac{1}{s}), q_{min}, q_{max})`.
-
-  The same codes :func:`fake_quantize_per_tensor_affine` and :func:`fake_quantize_per_channel_affine`
-  produce, so ``dequantize(quantize(x, ...), ...)`` is the fake-quantized ``x``. For finite inputs they
-  equal ``torch.quantize_per_tensor``/``quantize_per_channel(...).int_repr()``.
-
-  Args:
-    x: a floating-point array.
-    scale: per tensor, a float or one-element array; per channel, shape ``(x.shape[axis],)``.
-    zero_point: an int (range-checked) or array; per channel an int or float array.
-    dtype: the integer dtype of the codes (``jnp.int8``, ``jnp.uint8``, ``jnp.int32``, ...).
-    axis: ``None`` for per-tensor, else the channel axis.
-    quant_min, quant_max: the code range; defaults to the whole range of ``dtype``.
-
-  Returns:
-    An array of ``dtype`` with ``x``'s shape.
-
-  Examples:
-    >>> import jax.numpy as jnp, jax_observers as jo
-    >>> q = jo.quantize(jnp.array([-1.0, 0.26, 9.0]), 0.1, 3, dtype=jnp.uint8)
-    >>> q.tolist(), q.dtype
-    ([0, 6, 93], dtype('uint8'))
-    >>> jo.dequantize(q, 0.1, 3).tolist()
-    [-0.30000001192092896, 0.30000001192092896, 9.0]
-  """
-  fn = "quantize"
-  x = _float_input(x, fn)
-  dtype, quant_min, quant_max = _integer_range(dtype, quant_min, quant_max)
-  if axis is None:
-    scale, zero_point = per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)
-    codes, _ = per_tensor_codes(x, scale, zero_point, quant_min, quant_max)
-  else:
-    axis, scale, zero_point = per_channel_qparams(
-      x, scale, zero_point, axis, quant_min, quant_max, fn
-    )
-    codes, _ = per_channel_codes(x, scale, zero_point, quant_min, quant_max)
-  return codes.astype(dtype)
-
-
-def dequantize(q, scale, zero_point, *, axis=None, dtype=jnp.float32) -> jax.Array:
-  r"""Codes back to real values, :math:`(q - z)\, s` rounded once (the fake-quant output).
-
-  Args:
-    q: an integer array of codes.
-    scale, zero_point: as for :func:`quantize` (a zero point is not range-checked here).
-    axis: ``None`` for per-tensor, else the channel axis.
-    dtype: the floating dtype of the result (computed in float32, then rounded to ``dtype``).
-
-  Returns:
-    An array of ``dtype`` with ``q``'s shape.
-  """
-  fn = "dequantize"
-  q = jnp.asarray(q)
-  if not jnp.issubdtype(q.dtype, jnp.integer):
-    raise TypeError(f"{fn} takes integer codes; got dtype {q.dtype}.")
-  if axis is None:
-    if isinstance(zero_point, (int, np.integer)):
-      zero_point = jnp.asarray(zero_point, jnp.int32)
-    scale, zero_point = per_tensor_qparams(scale, zero_point, _INT32.min, _INT32.max, fn)
-  else:
-    _, scale, zero_point = per_channel_qparams(
-      q, scale, zero_point, axis, _INT32.min, _INT32.max, fn
-    )
-  return dequantize_codes(q.astype(jnp.int32), scale, zero_point).astype(dtype)
