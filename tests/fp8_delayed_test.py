@@ -113,3 +113,26 @@ def test_first_step_keeps_scale_one_and_nan_batches_change_nothing():
 def test_invalid_configs_name_the_argument(kwargs, match):
   with pytest.raises(ValueError, match=match):
     jo.Float8DelayedScalingObserver(**kwargs)
+
+
+def test_history_lives_in_the_observers_collection_of_linen_and_nnx():
+  """Updated by calibration/training steps with a mutable 'observers' collection, not by grads."""
+  import flax.linen as nn
+
+  obs = jo.Float8DelayedScalingObserver(history_len=3)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jo.linen.Observe(obs, name="x")(x)
+
+  x = jnp.array([[-896.0, 1.0]])
+  variables = Net().init(jax.random.key(0), x)
+  _, updated = Net().apply(variables, x, mutable=["observers"])
+  state = updated["observers"]["x"]["state"]
+  np.testing.assert_array_equal(state.amax_history, [896.0, 0.0, 0.0])
+  assert float(obs.calculate_qparams(state).scale) == 2.0
+  np.testing.assert_array_equal(variables["observers"]["x"]["state"].amax_history, 0.0)
+  module = jo.nnx.Observe(obs, x)
+  module(x)
+  assert float(module.calculate_qparams().scale) == 2.0
