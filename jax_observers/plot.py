@@ -123,31 +123,36 @@ def plot_error_vs_range(
   edges,
   *,
   quant_range: tuple[int, int] = (-128, 127),
+  symmetric: bool = True,
   picked: Mapping[str, tuple[float, float]] | None = None,
   points: int = 200,
   ax=None,
 ):
-  """Error of symmetric ranges ``[-t, t]`` against ``t``, with the observers' ranges marked.
+  """Error of the ranges ``[-t, t]`` (or ``[min(0, lo), t]``) against ``t``, observers' ranges marked.
 
   Args:
     hist, edges: a histogram and its ``bins + 1`` edges (e.g. ``state.histogram`` and
       :func:`histogram_edges`).
     quant_range: the quantized integer range.
+    symmetric: ranges ``[-t, t]``; else ``[l, t]`` with ``l = min(0, edges[0])`` fixed (the affine
+      family for one-sided data such as post-ReLU activations).
     picked: ``{label: (lo, hi)}`` ranges to mark (each at its own error).
     points: number of thresholds on the curve.
   """
   ax = _axes(ax)
   edges = np.asarray(edges, np.float64)
-  amax = float(np.max(np.abs(edges)))
-  t = np.linspace(amax / points, amax, points)
-  ax.plot(
-    t, range_errors(hist, edges, [(-v, v) for v in t], quant_range), label="symmetric [-t, t]"
-  )
-  for label, (lo, hi) in (picked or {}).items():
+  top = float(np.max(np.abs(edges))) if symmetric else float(edges[-1])
+  lower = min(0.0, float(edges[0]))
+  t = np.linspace(top / points, top, points)
+  ranges = [(-v, v) for v in t] if symmetric else [(lower, v) for v in t]
+  label = "[-t, t]" if symmetric else f"[{lower:.3g}, t]"
+  ax.plot(t, range_errors(hist, edges, ranges, quant_range), label=label)
+  for name, (lo, hi) in (picked or {}).items():
     err = range_errors(hist, edges, [(float(lo), float(hi))], quant_range)[0]
-    ax.scatter([max(-float(lo), float(hi))], [err], zorder=3, label=f"{label}")
+    x = max(-float(lo), float(hi)) if symmetric else float(hi)
+    ax.scatter([x], [err], zorder=3, label=name)
   ax.set_yscale("log")
-  ax.set_xlabel("clipping threshold t (max |range|)")
+  ax.set_xlabel("clipping threshold t")
   ax.set_ylabel("mean squared error")
   ax.set_title("quantization error versus clipping range")
   ax.legend(loc="upper right", fontsize="small")

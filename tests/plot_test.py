@@ -119,3 +119,24 @@ def test_plot_many_makes_one_panel_per_observer():
   fig = plot.plot_many(observers, states)
   visible = [a for a in fig.axes if a.get_visible()]
   assert [a.get_title() for a in visible] == ["HistogramObserver", "HistogramMSEObserver"]
+
+
+def test_affine_family_curve_passes_through_one_sided_picks():
+  x = np.abs(data())
+  obs = jo.HistogramPercentileObserver(bins=256, percentile=99.0)
+  state = obs.update(obs.init(x), x)
+  edges = plot.histogram_edges(obs, state)
+  lo, hi = plot.representable_range(obs, obs.calculate_qparams(state))
+  ax = plot.plot_error_vs_range(
+    state.histogram, edges, quant_range=(0, 255), symmetric=False, picked={"p99": (lo, hi)}
+  )
+  (curve,) = ax.lines
+  t, err = curve.get_data()
+  lower = min(0.0, float(edges[0]))
+  np.testing.assert_allclose(
+    err, plot.range_errors(state.histogram, edges, [(lower, v) for v in t], (0, 255))
+  )
+  assert float(lo) == lower == 0.0  # one-sided data: the pick lies on this family's curve
+  px, py = ax.collections[0].get_offsets()[0]
+  assert px == pytest.approx(float(hi))
+  assert py == pytest.approx(plot.range_errors(state.histogram, edges, [(lo, hi)], (0, 255))[0])
