@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
 SMALL = 1 << 16  # inputs up to this many elements take the masked reduction directly
 
 
