@@ -362,3 +362,30 @@ def test_state_dict_round_trip_and_example_shape_check():
     jo.load_state_dict(obs, d, example=np.zeros((2, 16), np.float32))
   with pytest.raises(ValueError, match="unexpected keys"):
     jo.load_state_dict(obs, {**d, "eps": np.ones(1)})
+
+
+@pytest.mark.parametrize(
+  "shape, axes",
+  [
+    ((3, 4096), (0, 1)),
+    ((5, 1000), (1,)),
+    ((7, 331), (0, 1)),
+    ((6, 3, 384), (0, 2)),
+    ((9, 130), (0,)),
+  ],
+)
+def test_block_min_max_schedule_is_exact_with_nan_and_inf(shape, axes):
+  """The chunked (min, max) schedule against NumPy, masked pass included."""
+  from jax_observers._src import affine_reduce
+
+  rng = np.random.default_rng(sum(shape))
+  x = rng.standard_normal(shape).astype(np.float32) * 100
+  x.flat[rng.integers(x.size, size=5)] = np.nan
+  x.flat[rng.integers(x.size, size=2)] = np.inf
+  for ignore in (False, True):
+    lo, hi = jax.jit(lambda x, i=ignore: affine_reduce.block_min_max(x, axes, ignore_nonfinite=i))(
+      x
+    )
+    kept = np.where(np.isfinite(x) if ignore else ~np.isnan(x), x, np.nan)
+    assert_same(lo, np.nanmin(kept, axis=axes))
+    assert_same(hi, np.nanmax(kept, axis=axes))
