@@ -47,13 +47,14 @@ def batches(rng, n, shape=(4, 6), zero_every=None, inf_at=()):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("history_len", [1, 4, 16])
+@pytest.mark.parametrize("history_len", [1, 6])
 def test_matches_flax_fp8_ops_update_live(dtype, history_len):
   rng = np.random.default_rng(history_len)
   obs = jo.Float8DelayedScalingObserver(dtype=dtype, history_len=history_len)
   update = jax.jit(obs.update)
   flax_update = jax.jit(fp8_ops.update_fp8_meta, static_argnums=1)
   fp8_max = fp8_ops.get_fp8_max(dtype, jnp.float32)
+  quantize = jax.jit(obs.quantize)
   state = obs.init()
   scale, hist = jnp.ones((), jnp.float32), jnp.zeros((history_len,), jnp.float32)
   for t, x in enumerate(batches(rng, 2 * history_len + 5)):
@@ -63,14 +64,14 @@ def test_matches_flax_fp8_ops_update_live(dtype, history_len):
     # flax's scale for step t + 1 comes from the history that now includes x: ours after x
     flax_next = fp8_ops.compute_scale(jnp.max(hist), scale, fp8_max)
     np.testing.assert_array_equal(state.scale, flax_next, err_msg=f"step {t}")
-    q = jax.jit(obs.quantize)(x, obs.calculate_qparams(state))
+    q = quantize(x, obs.calculate_qparams(state))
     flax_q = fp8_ops.quantize(x, dtype, flax_next, jnp.float32)
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(flax_q).view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("algo", ["max", "most_recent"])
-@pytest.mark.parametrize("margin", [0, 1, 3])
+@pytest.mark.parametrize("margin", [0, 2])
 def test_matches_transformer_engine_update_with_fallbacks(dtype, algo, margin):
   rng = np.random.default_rng(margin + 7 * (algo == "max"))
   history_len = 5

@@ -66,9 +66,7 @@ def test_pow2_round_is_exact_for_every_float32_class(mode):
 
 
 OBSERVERS = [
-  jo.MinMaxObserver(),
   jo.MinMaxObserver(dtype=jnp.int8, qscheme=jo.per_tensor_symmetric),
-  jo.PerChannelMinMaxObserver(ch_axis=1, dtype=jnp.int8, qscheme=jo.per_channel_symmetric),
   jo.MovingAveragePerChannelMinMaxObserver(ch_axis=0),
 ]
 

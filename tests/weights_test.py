@@ -25,7 +25,7 @@ class Model(nn.Module):
 
 @pytest.fixture(scope="module")
 def params():
-  return Model().init(jax.random.key(0), jnp.ones((1, 4, 4, 16)))["params"]
+  return jax.jit(Model().init)(jax.random.key(0), jnp.ones((1, 4, 4, 16)))["params"]
 
 
 def test_int4_rules_quantize_kernels_skip_biases_and_report_sqnr(params):
@@ -72,8 +72,6 @@ def _affine(mapping, dtype, granularity, **kw):
 S, A = jo.MappingType.SYMMETRIC, jo.MappingType.ASYMMETRIC
 INT_FORMATS = {
   "int8-per-channel": _affine(S, jnp.int8, jo.PerAxis(-1)),
-  "uint8-asym-per-channel": _affine(A, jnp.uint8, jo.PerAxis(-1)),
-  "int4-g128": _affine(S, jnp.int4, jo.PerBlock((128, 1))),
   "uint4-asym-g128": _affine(A, jnp.uint4, jo.PerBlock((128, 1))),
   "int4-no-clipping-g32": _affine(
     jo.MappingType.SYMMETRIC_NO_CLIPPING_ERR, jnp.int4, jo.PerGroup(32)
@@ -90,12 +88,10 @@ INT_FORMATS = {
 }
 FLOAT_FORMATS = {
   "fp8-e4m3-per-row": jo.Float8Observer(granularity=jo.PerRow()),
-  "fp8-e5m2-per-tensor": jo.Float8Observer(dtype=jnp.float8_e5m2),
   "fp8-e4m3-block128": jo.Float8Observer(
     granularity=jo.PerBlock((128, 32)), pad_partial_blocks=True
   ),
   "mxfp8-floor": jo.MXObserver(),
-  "mxfp8-ceil": jo.MXObserver(scaling_mode=jo.ScaleCalculationMode.CEIL),
   "mxfp4-rceil": jo.MXObserver(
     elem_dtype=jnp.float4_e2m1fn, scaling_mode=jo.ScaleCalculationMode.RCEIL
   ),
@@ -122,7 +118,7 @@ def test_integer_round_trip_is_within_half_a_step(name):
   obs = INT_FORMATS[name]
   w = weight()
   leaf, _ = jo.quantize_array(obs, w)
-  w_hat = np.asarray(leaf.dequantize(), np.float64)
+  w_hat = np.asarray(jax.jit(jo.QuantizedArray.dequantize)(leaf), np.float64)
   s = _per_element(obs, leaf.qparams.scale, w).astype(np.float64)
   z = _per_element(obs, leaf.qparams.zero_point, w).astype(np.float64)
   err = np.abs(w - w_hat)
