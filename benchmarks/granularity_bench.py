@@ -70,7 +70,7 @@ def main():
   (floor,) = median_ms([lambda: floor_fn(w).block_until_ready()], args.repeats)
   print(f"floor: jitted jnp.max {floor:.2f} ms\n")
   print(
-    f"{'int4 per-group qparams':<44}{'ours ms':>9}{'/floor':>8}{'torch ms':>10}{'torch/ours':>12}"
+    f"{'int4 per-group qparams':<40}{'ours ms':>9}{'/floor':>8}{'torch ms':>10}{'torch/ours':>12}"
   )
   group = jo.PerGroup(args.group_size)
   for mapping, dtype in (
@@ -85,7 +85,7 @@ def main():
       "choose_qparams_affine": jax.jit(
         lambda w, m=mapping, d=dtype: jo.choose_qparams_affine(w, m, group, d)
       ),
-      "observer update + calculate_qparams": jax.jit(
+      "observer update+qparams": jax.jit(
         lambda w, obs=obs: obs.calculate_qparams(obs.update(obs.init(w), w))
       ),
     }
@@ -99,8 +99,8 @@ def main():
       np.testing.assert_array_equal(np.asarray(scale), t_scale.numpy())  # same numbers, bit for bit
       np.testing.assert_array_equal(np.asarray(zero_point), t_zp.numpy())
       ms, torch_ms = median_ms([lambda fn=fn: jax.block_until_ready(fn(w)), theirs], args.repeats)
-      label = f"{mapping.name.lower()} {np.dtype(dtype).name} {name}"
-      print(f"{label:<44}{ms:>9.2f}{ms / floor:>8.2f}{torch_ms:>10.2f}{torch_ms / ms:>12.2f}")
+      label = f"{mapping.name.lower()[:4]} {np.dtype(dtype).name} {name}"
+      print(f"{label:<40}{ms:>9.2f}{ms / floor:>8.2f}{torch_ms:>10.2f}{torch_ms / ms:>12.2f}")
 
 
 if __name__ == "__main__":
