@@ -171,6 +171,18 @@ def test_observer_on_one_batch_gives_to_mx_exponents_and_elements():
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(elements).view(np.uint8))
 
 
+def test_axis_blocks_a_flax_kernel_along_its_input_axis():
+  w = (np.random.default_rng(6).standard_normal((64, 3)) * 10).astype(np.float32)  # (in, out)
+  obs = jo.MXObserver(axis=0)
+  state = obs.update(obs.init(w), w)
+  assert state.amax.shape == (2, 3)
+  assert_same(state.amax, np.abs(w).reshape(2, 32, 3).max(axis=1))
+  exponents, _ = jo.to_mx(w.T, jnp.float8_e4m3fn, 32)  # torchao's layout: blocks on the last axis
+  np.testing.assert_array_equal(obs.exponents(state), np.asarray(exponents).T)
+  with pytest.raises(ValueError, match="axis=2"):
+    obs.replace(axis=2).init(w)
+
+
 def test_e8m0_bytes_and_errors():
   assert_same(
     jo.e8m0_to_float32(jnp.array([0, 127, 128, 254, 255], jnp.uint8)),

@@ -165,12 +165,14 @@ def to_mx(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MXObserver(Observer):
-  r"""Running amax per block of ``block_size`` along the last axis; MX scales :math:`2^k`.
+  r"""Running amax per block of ``block_size`` along ``axis``; MX scales :math:`2^k`.
 
   Args:
     elem_dtype: ``jnp.float8_e4m3fn`` (MXFP8, default), ``float8_e5m2``, ``float6_e2m3fn``,
       ``float6_e3m2fn`` or ``float4_e2m1fn`` (MXFP4).
     block_size: elements per shared scale (32 in the OCP spec).
+    axis: the blocked axis, the matmul's contraction axis: -1 (torchao, torch's ``(out, in)``
+      weights and activations) or 0 for a Flax kernel ``(in, out)``.
     scaling_mode: a :class:`ScaleCalculationMode` (FLOOR, the spec's, by default).
     token_axes, pad_partial_blocks, ignore_nonfinite: as :class:`AffineQuantizedMinMaxObserver`.
 
@@ -186,6 +188,7 @@ class MXObserver(Observer):
 
   elem_dtype: Any = jnp.float8_e4m3fn
   block_size: int = 32
+  axis: int = -1
   scaling_mode: ScaleCalculationMode = ScaleCalculationMode.FLOOR
   token_axes: int | None = None
   pad_partial_blocks: bool = False
@@ -197,13 +200,16 @@ class MXObserver(Observer):
     gran.PerGroup(self.block_size)  # validates block_size
     if not isinstance(self.scaling_mode, ScaleCalculationMode):
       raise ValueError(f"scaling_mode={self.scaling_mode!r} is not a jo.ScaleCalculationMode.")
+    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+      raise ValueError(f"axis={self.axis!r} must be an int.")
 
   def layout(self, x) -> gran.BlockLayout:
+    shape = jnp.shape(x)
+    if not -len(shape) <= self.axis < len(shape):
+      raise ValueError(f"axis={self.axis} is out of range for an input of shape {shape}.")
+    block = tuple(self.block_size if i == self.axis % len(shape) else 1 for i in range(len(shape)))
     return gran.block_layout(
-      jnp.shape(x),
-      gran.PerGroup(self.block_size),
-      token_axes=self.token_axes,
-      pad=self.pad_partial_blocks,
+      shape, gran.PerBlock(block), token_axes=self.token_axes, pad=self.pad_partial_blocks
     )
 
   def init(self, x) -> fp8.AmaxState:

@@ -13,7 +13,7 @@ quantized with that observer's ``quantize`` and reported with its signal-to-quan
 :class:`Pow2ScaleObserver` around them.
 
 Flax ``Dense`` kernels are ``(in, out)``: group along the input axis with ``PerBlock((g, 1))``
-(torch's ``(out, in)`` weights use ``PerGroup(g)``).
+and ``MXObserver(axis=0)`` (torch's ``(out, in)`` weights use ``PerGroup(g)`` and ``axis=-1``).
 """
 
 from __future__ import annotations
