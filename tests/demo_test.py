@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from jax_observers import demo  # noqa: E402
+from jax_observers import demo
 
 
 def test_demo_prints_one_row_per_observer_and_writes_the_plot(tmp_path, capsys):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_quant, affine_reduce, affine_serialization, minmax
+from jax_observers._src import affine_quant, affine_serialization, minmax, reduce
 from jax_observers._src import granularity as gran
 from jax_observers._src.base import Observer, QParams, canonical_dtype
 from jax_observers._src.minmax import MinMaxState
@@ -122,7 +122,7 @@ class AffineQuantizedMinMaxObserver(Observer):
       )
     if x.size == 0:
       return state
-    lo, hi = affine_reduce.block_min_max(
+    lo, hi = reduce.batch_min_max(
       layout.view(x), layout.stat_axes, ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
     )
     return self.accumulate(state, lo, hi)
