@@ -67,6 +67,9 @@ from jax_observers._src.fake_quant_state import (
   disable_observer,
   enable_fake_quant,
   enable_observer,
+  enable_param_learning,
+  enable_static_estimate,
+  enable_static_observation,
 )
 from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
 from jax_observers._src.fp8 import AmaxState, Float8Observer, float8_scale_from_amax
@@ -233,6 +236,9 @@ __all__ = [
   "e8m0_to_float32",
   "enable_fake_quant",
   "enable_observer",
+  "enable_param_learning",
+  "enable_static_estimate",
+  "enable_static_observation",
   "fake_quantize_learnable_per_channel_affine",
   "fake_quantize_learnable_per_tensor_affine",
   "fake_quantize_per_channel_affine",

@@ -33,6 +33,9 @@ from jax_observers._src.fake_quant_state import (
   disable_observer,
   enable_fake_quant,
   enable_observer,
+  enable_param_learning,
+  enable_static_estimate,
+  enable_static_observation,
 )
 from jax_observers._src.learnable import LearnableFakeQuantize
 
@@ -106,6 +109,8 @@ class FakeQuant(nn.Module):
       scale = self.param("scale", lambda _: state.scale)
       zero_point = self.param("zero_point", lambda _: state.zero_point)
       state = state.replace(scale=scale, zero_point=zero_point)
+    if self.is_initializing():  # the variables exist now; skip tracing the fake quant itself
+      return x
     updating = _updating(self)
     if not updating:
       state = disable_observer(state)
@@ -137,6 +142,9 @@ __all__ = [
   "disable_observer",
   "enable_fake_quant",
   "enable_observer",
+  "enable_param_learning",
+  "enable_static_estimate",
+  "enable_static_observation",
 ]
 
 

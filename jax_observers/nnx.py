@@ -138,11 +138,30 @@ def disable_observer(model: nnx.Module) -> None:
 
 def enable_fake_quant(model: nnx.Module, enabled: bool = True) -> None:
   """Switches fake quantization on (or off) in every fake-quant module of ``model``, in place."""
-  for _, module in _modules(model):
-    if isinstance(module, FakeQuant):
-      module.state.set_value(fake_quant_state.enable_fake_quant(module.state.get_value(), enabled))
+  _map_fake_quant(model, lambda state: fake_quant_state.enable_fake_quant(state, enabled))
 
 
 def disable_fake_quant(model: nnx.Module) -> None:
   """Makes every fake-quant module of ``model`` pass its input through, in place."""
   enable_fake_quant(model, False)
+
+
+def _map_fake_quant(model: nnx.Module, fn) -> None:
+  for _, module in _modules(model):
+    if isinstance(module, FakeQuant):
+      module.state.set_value(fn(module.state.get_value()))
+
+
+def enable_param_learning(model: nnx.Module) -> None:
+  """Every LSQ module of ``model`` learns its scale/zero_point (observer off), in place."""
+  _map_fake_quant(model, fake_quant_state.enable_param_learning)
+
+
+def enable_static_estimate(model: nnx.Module) -> None:
+  """Every LSQ module of ``model`` takes scale/zero_point from its observer, in place."""
+  _map_fake_quant(model, fake_quant_state.enable_static_estimate)
+
+
+def enable_static_observation(model: nnx.Module) -> None:
+  """Every LSQ module of ``model`` only observes (output = input), in place."""
+  _map_fake_quant(model, fake_quant_state.enable_static_observation)

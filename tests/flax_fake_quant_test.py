@@ -181,3 +181,29 @@ def test_nnx_lsq_trains_params():
   assert float(jnp.abs(grads.fq.scale.get_value())) > 0
   params = nnx.state(model, nnx.Param)
   assert set(params["fq"]) == {"scale", "zero_point"}
+
+
+def test_whole_model_lsq_toggles():
+  config, xs = lsq(), data()
+  model = NnxNet(config, xs[0])
+  jo.nnx.enable_param_learning(model)
+  state = model.fq.state.get_value()
+  assert bool(state.learning_enabled) and not bool(state.static_enabled)
+  jo.nnx.enable_static_observation(model)
+  state = model.fq.state.get_value()
+  assert not bool(state.fake_quant_enabled) and bool(state.static_enabled)
+  chex.assert_trees_all_equal(model(xs[0]), xs[0])  # observing only: the output is the input
+  jo.nnx.enable_static_estimate(model)
+  assert bool(model.fq.state.get_value().fake_quant_enabled)
+  linen_model = Wrap(config)
+  variables = jo.enable_param_learning(linen_model.init(jax.random.key(0), xs[0]))
+  assert bool(variables["observers"]["fq"]["state"].learning_enabled)
+
+
+def test_linen_init_returns_the_input_without_tracing_the_fake_quant():
+  model, (x,) = Wrap(jo.default_fake_quant()), data(1)
+  out, variables = model.init_with_output(jax.random.key(0), x)
+  chex.assert_trees_all_equal(out, x)
+  assert not bool(
+    jnp.any(variables["observers"]["fq"]["state"].activation_post_process.max_val > -jnp.inf)
+  )

@@ -84,3 +84,18 @@ def test_fixed_qparams_state_dict_matches_torch():
   for k, v in t.state_dict().items():
     np.testing.assert_array_equal(d[k], v.numpy())
     assert d[k].dtype == v.numpy().dtype
+
+
+def test_a_nan_poisoned_torch_state_is_refused_or_loaded_as_unobserved():
+  t = torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    t(torch.tensor([[1.0, float("nan")], [-2.0, 3.0]]))
+  assert np.isnan(t.min_val.numpy()[0])  # torch's channel 0 is NaN for good
+  obs = jo.PerChannelMinMaxObserver(ch_axis=0)
+  with pytest.raises(ValueError, match="NaN"):
+    jo.load_state_dict(obs, t.state_dict())
+  state = jo.load_state_dict(obs, t.state_dict(), strict=False)
+  assert state.min_val.tolist() == [np.inf, -2.0] and state.max_val.tolist() == [-np.inf, 3.0]
+  scale, _ = obs.calculate_qparams(state)
+  assert float(scale[0]) == 1.0  # channel 0 reads as never observed

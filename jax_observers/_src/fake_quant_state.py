@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jax_observers._src.readable import ReadableRepr
+
 
 class FakeQuantStateMixin:
   """Flag setters shared by the fake-quant states; each returns a new state."""
@@ -35,7 +37,7 @@ class FakeQuantStateMixin:
     return self.enable_fake_quant(False)
 
 
-class FakeQuantizeState(FakeQuantStateMixin, struct.PyTreeNode):
+class FakeQuantizeState(FakeQuantStateMixin, ReadableRepr, struct.PyTreeNode, repr=False):
   """torch's ``FakeQuantize`` buffers; ``activation_post_process`` is the observer's state."""
 
   fake_quant_enabled: jax.Array  # shape (), bool; torch's uint8 [1] buffer.
@@ -78,7 +80,7 @@ def disable_fake_quant(tree):
   return enable_fake_quant(tree, False)
 
 
-class LearnableFakeQuantizeState(FakeQuantStateMixin, struct.PyTreeNode):
+class LearnableFakeQuantizeState(FakeQuantStateMixin, ReadableRepr, struct.PyTreeNode, repr=False):
   """torch's ``_LearnableFakeQuantize`` parameters and buffers."""
 
   scale: jax.Array  # shape () per tensor or (C,) per channel, float32; trainable.
@@ -104,3 +106,33 @@ class LearnableFakeQuantizeState(FakeQuantStateMixin, struct.PyTreeNode):
   def enable_static_observation(self):
     """Only observe: the output is the input, no learning."""
     return self.toggle_qparam_learning(False).enable_fake_quant(False).enable_observer(True)
+
+
+def _map_learnable(method: str, tree):
+  is_state = lambda node: isinstance(node, LearnableFakeQuantizeState)
+  return jax.tree_util.tree_map(
+    lambda n: getattr(n, method)() if is_state(n) else n, tree, is_leaf=is_state
+  )
+
+
+def enable_param_learning(tree):
+  """Every LSQ state in ``tree`` learning its scale/zero_point (observer off, fake quant on).
+
+  Examples:
+    >>> import jax.numpy as jnp, jax_observers as jo
+    >>> fq = jo.LearnableFakeQuantize(observer=jo.MovingAverageMinMaxObserver)
+    >>> states = jo.enable_param_learning({"a": fq.init(jnp.zeros(2)), "b": fq.init(jnp.zeros(2))})
+    >>> [bool(s.learning_enabled) and not bool(s.static_enabled) for s in states.values()]
+    [True, True]
+  """
+  return _map_learnable("enable_param_learning", tree)
+
+
+def enable_static_estimate(tree):
+  """Every LSQ state in ``tree`` taking scale/zero_point from its observer, fake quant on."""
+  return _map_learnable("enable_static_estimate", tree)
+
+
+def enable_static_observation(tree):
+  """Every LSQ state in ``tree`` only observing (output = input, no learning)."""
+  return _map_learnable("enable_static_observation", tree)

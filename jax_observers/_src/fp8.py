@@ -28,6 +28,7 @@ from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_serialization, numerics
 from jax_observers._src import granularity as gran
 from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.readable import ReadableRepr
 
 FP8_DTYPES = tuple(
   np.dtype(d)
@@ -89,7 +90,7 @@ def quantize_float8(x, scale, dtype) -> jax.Array:
   return jnp.clip(numerics.exact_div(x.astype(jnp.float32), scale), -fmax, fmax).astype(dtype)
 
 
-class AmaxState(struct.PyTreeNode):
+class AmaxState(ReadableRepr, struct.PyTreeNode, repr=False):
   """Running absolute maximum per block."""
 
   amax: jax.Array  # shape: the block grid (token axes excluded), float32; 0 before any update.

@@ -32,11 +32,12 @@ from flax import struct
 from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_serialization, fp8, numerics
 from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.readable import ReadableRepr
 
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 
 
-class DelayedScalingState(struct.PyTreeNode):
+class DelayedScalingState(ReadableRepr, struct.PyTreeNode, repr=False):
   """Amax history and the scale computed from it."""
 
   amax_history: jax.Array  # shape (history_len,), float32; [0] newest, zeros before any update.

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from jax_observers._src.base import FLOAT32_EPS, Observer, QScheme, canonical_dtype
+from jax_observers._src.readable import ReadableRepr
 
 
-class EmptyState(struct.PyTreeNode):
+class EmptyState(ReadableRepr, struct.PyTreeNode, repr=False):
   """The state of an observer that keeps no statistics (a pytree with no leaves)."""
 
 

@@ -20,7 +20,10 @@ _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int32": "i32"
 
 
 def _fmt(v) -> str:
-  return f"{float(v):.6g}" if np.issubdtype(np.asarray(v).dtype, np.floating) else str(int(v))
+  dtype = np.asarray(v).dtype
+  if dtype == np.bool_:
+    return str(bool(v))
+  return f"{float(v):.6g}" if np.issubdtype(dtype, np.floating) else str(int(v))
 
 
 def summarize(value) -> str:

@@ -53,8 +53,10 @@ def load_state_dict(observer: Observer, d: Mapping, *, strict: bool = True, exam
   Args:
     observer: the config the state belongs to.
     d: a mapping of torch buffer names to arrays or torch tensors.
-    strict: refuse unknown keys and an ``eps`` that differs from ``observer.eps`` (torch silently
-      keeps the loaded one, or, through ``load_observer_state_dict``, resets it).
+    strict: refuse unknown keys, an ``eps`` that differs from ``observer.eps`` (torch silently
+      keeps the loaded one, or, through ``load_observer_state_dict``, resets it), and a NaN running
+      range (torch's state after a NaN batch); with ``strict=False`` NaN entries load as never
+      observed.
     example: an input example, for observers whose torch state holds no arrays (RecordingObserver).
 
   Raises:
@@ -100,11 +102,25 @@ def _minmax_from_dict(observer, d, *, strict, example):
       )
   if min_val.shape != max_val.shape:
     raise ValueError(f"min_val {min_val.shape} and max_val {max_val.shape} differ in shape.")
+  min_val, max_val = _without_nan(min_val, max_val, strict)
   shape = min_val.shape if per_channel else ()
   return minmax.MinMaxState(
     min_val=np.asarray(min_val, np.float32).reshape(shape),
     max_val=np.asarray(max_val, np.float32).reshape(shape),
   )
+
+
+def _without_nan(min_val, max_val, strict: bool):
+  """torch's running min/max turn NaN for good once an observed batch held a NaN."""
+  nan = np.isnan(min_val) | np.isnan(max_val)
+  if not nan.any():
+    return min_val, max_val
+  if strict:
+    raise ValueError(
+      f"min_val/max_val hold NaN in {int(nan.sum())} place(s): the torch observer saw NaN data and "
+      "its running range is poisoned. Pass strict=False to load those entries as never observed."
+    )
+  return np.where(nan, np.inf, min_val), np.where(nan, -np.inf, max_val)
 
 
 def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:

@@ -31,11 +31,12 @@ from jax_observers._src import affine_qparams as aq
 from jax_observers._src import granularity as gran
 from jax_observers._src.affine import AffineQuantizedMinMaxObserver
 from jax_observers._src.base import Observer, QParams
+from jax_observers._src.readable import ReadableRepr
 
 Rules = Callable[[str, Any], "Observer | None"] | Sequence[tuple[str, "Observer | None"]]
 
 
-class QuantizedArray(struct.PyTreeNode):
+class QuantizedArray(ReadableRepr, struct.PyTreeNode, repr=False):
   """A quantized leaf: codes, per-block qparams and the observer that made them."""
 
   qvalue: jax.Array  # the weight's shape; integer codes (affine) or fp8 / MX element values.
