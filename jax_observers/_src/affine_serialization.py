@@ -23,13 +23,8 @@ def register_arrays(observer_cls: type, state_cls: type, fields: Sequence[str]) 
 
   def from_dict(observer, d, *, strict: bool, example):
     name = type(observer).__name__
-    missing = [k for k in fields if k not in d]
-    if missing:
-      raise KeyError(f"{name} state_dict is missing {missing}; got {sorted(d)}.")
-    extra = sorted(set(d) - set(fields))
-    if strict and extra:
-      raise ValueError(f"{name} state_dict has unexpected keys {extra}.")
-    values = {k: np.asarray(d[k], np.float32) for k in fields}
+    arrays = state_dict.take(d, fields, observer, strict)
+    values = {k: np.asarray(v, np.float32) for k, v in zip(fields, arrays, strict=True)}
     if example is not None:
       expected = observer.init(example)
       for k, v in values.items():

@@ -34,13 +34,7 @@ def _split(fq, d: dict, own: tuple[str, ...], strict: bool):
   """``(own values, child dict)``; a missing own key is a KeyError, an unknown one (strict) a ValueError."""
   child = {k[len(PREFIX) :]: v for k, v in d.items() if k.startswith(PREFIX)}
   mine = {k: v for k, v in d.items() if not k.startswith(PREFIX)}
-  missing = [k for k in own if k not in mine]
-  if missing:
-    raise KeyError(f"{type(fq).__name__} state_dict is missing {missing}; got {sorted(d)}.")
-  extra = sorted(set(mine) - set(own))
-  if strict and extra:
-    raise ValueError(f"{type(fq).__name__} state_dict has unexpected keys {extra}.")
-  return [np.asarray(mine[k]) for k in own], child
+  return [np.asarray(v) for v in state_dict_lib.take(mine, own, fq, strict)], child
 
 
 def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):

@@ -67,7 +67,8 @@ def load_state_dict(observer: Observer, d: Mapping, *, strict: bool = True, exam
   return _from_dict(observer, d, strict=strict, example=example)
 
 
-def _take(d: dict, keys: tuple[str, ...], observer, strict: bool) -> list[np.ndarray]:
+def take(d: dict, keys: tuple[str, ...], observer, strict: bool) -> list[np.ndarray]:
+  """The values of ``keys``; a missing key is a KeyError, an unknown one (strict) a ValueError."""
   missing = [k for k in keys if k not in d]
   if missing:
     raise KeyError(f"{type(observer).__name__} state_dict is missing {missing}; got {sorted(d)}.")
@@ -87,7 +88,7 @@ def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
 
 
 def _minmax_from_dict(observer, d, *, strict, example):
-  eps, min_val, max_val = _take(d, ("eps", "min_val", "max_val"), observer, strict)
+  eps, min_val, max_val = take(d, ("eps", "min_val", "max_val"), observer, strict)
   if strict and np.float32(eps.reshape(-1)[0]) != np.float32(observer.eps):
     raise ValueError(
       f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from the observer's "
@@ -131,7 +132,7 @@ def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
 
 
 def _fixed_from_dict(observer, d, *, strict, example):
-  scale, zero_point = _take(d, ("scale", "zero_point"), observer, strict)
+  scale, zero_point = take(d, ("scale", "zero_point"), observer, strict)
   return FixedQParamsState(
     scale=np.asarray(scale, np.float32).reshape(()),
     zero_point=np.asarray(zero_point, np.int32).reshape(()),
@@ -143,7 +144,7 @@ def _empty_to_dict(observer, state) -> dict[str, np.ndarray]:
 
 
 def _empty_from_dict(observer, d, *, strict, example):
-  _take(d, (), observer, strict)
+  take(d, (), observer, strict)
   return placeholder.EmptyState()
 
 
@@ -156,7 +157,7 @@ def _recording_from_dict(observer, d, *, strict, example):
     if example is None:
       raise ValueError("torch's RecordingObserver state_dict is empty; pass example= to init.")
     return observer.init(example)
-  tensor_val, count = _take(d, ("tensor_val", "count"), observer, strict)
+  tensor_val, count = take(d, ("tensor_val", "count"), observer, strict)
   return recording.RecordingState(tensor_val=tensor_val, count=np.asarray(count, np.int32))
 
 
