@@ -232,13 +232,16 @@ class FakeQuantize(FakeQuantizeBase):
     state = branch(
       state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
     )
-    y = branch(
+    return self.output(state, x), state
+
+  def output(self, state: FakeQuantizeState, x) -> jax.Array:
+    """``x`` fake-quantized with the stored qparams when ``state.fake_quant_enabled``, else ``x``."""
+    return branch(
       state.fake_quant_enabled,
       lambda a: self.fake_quant(*a),
       lambda a: a[0],
       (x, state.scale, state.zero_point),
     )
-    return y, state
 
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The observer's qparams from its current statistics (torch: not the stored buffers)."""

@@ -197,13 +197,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     state = branch(state.observer_enabled, observe, lambda s: s, state)
     active = state.observer_enabled | state.fake_quant_enabled
     state = branch(active, self._refresh, lambda s: s, state)
-    y = branch(
-      state.fake_quant_enabled,
-      lambda a: self.fake_quant(*a),
-      lambda a: a[0],
-      (x, state.scale, state.zero_point),
-    )
-    return y, state
+    return self.output(state, x), state
 
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The qparams the forward pass uses: the kernel buffers, or the observer's formula."""
