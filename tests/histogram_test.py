@@ -83,6 +83,23 @@ def test_matches_torch_bit_for_bit(bins, dtype, qscheme):
     assert int(zp) == int(t_zp.item())
 
 
+def test_repeated_range_growth_matches_torch():
+  """Eight growing 64k batches: each re-binning adds the old mass to the new counts as torch does.
+
+  XLA once folded ``update + scatter(zeros, ...)`` into ``scatter(update, ...)``, which diverged
+  from torch from the fifth batch on.
+  """
+  x = np.random.default_rng(11).standard_normal(1 << 16).astype(np.float32)
+  obs = jo.HistogramObserver()
+  update = jax.jit(obs.update)
+  state, tobs = obs.init(x), torch.ao.quantization.HistogramObserver()
+  for k in range(8):
+    batch = x * np.float32(1 + 0.01 * k)
+    state = update(state, batch)
+    tobs(torch.from_numpy(batch))
+    np.testing.assert_array_equal(np.asarray(state.histogram), tobs.histogram.numpy())
+
+
 def test_linspace_and_upscale_match_torch():
   rng = np.random.default_rng(1)
   for _ in range(20):

@@ -9,6 +9,10 @@ values seen, and a histogram on a grid that is a function of them.
 * ``range_policy='pow2'``: the power-of-two grid of :mod:`hist_pow2`, int32 counts, exact bin
   merging: the state depends only on the multiset of values observed.
 
+Per channel, the channels are processed in groups (a ``lax.scan``): each group's counts go into a
+small table that stays in cache and are merged into its rows of the histogram in place, so an
+update builds no ``[channels, bins]`` array besides its result.
+
 ``mode`` picks what is histogrammed: ``'signed'`` (:math:`x` on :math:`[m, M]`), ``'symmetric'``
 (:math:`x` on :math:`[-a, a]`, :math:`a = \max(-m, M)`) or ``'absolute'`` (:math:`|x|` on
 :math:`[0, a]`). NaN and :math:`\pm\infty` never enter the statistics; a batch (or a channel) with no
@@ -18,6 +22,8 @@ batch counts ``psum``-med before they meet the state, so every device holds the 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -25,9 +31,11 @@ from jax import lax
 
 from jax_observers._src import hist_pow2
 from jax_observers._src import histogram_numerics as hn
-from jax_observers._src.reduce import batch_min_max
+from jax_observers._src.reduce import SMALL, batch_min_max
 
 RANGE_POLICIES = ("torch", "pow2")
+_GROUP_BYTES = 1 << 20  # int32 count table per group of channels: about half an L2.
+_REBIN_BATCH = 8  # channels re-binned at once (each makes [bins * upsample_rate] temporaries).
 MODES = ("signed", "symmetric", "absolute")
 
 
@@ -78,61 +86,142 @@ def accumulate(
   """``state`` after observing float ``x`` (channels along ``ch_axis``; None: one histogram)."""
   x = lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32)
   bins = state.histogram.shape[-1]
-  axes = None if ch_axis is None else tuple(i for i in range(x.ndim) if i != ch_axis)
-  lo, hi = batch_min_max(x, axes, ignore_nonfinite=True, axis_name=axis_name)
+  if ch_axis is None:
+    lo, hi = batch_min_max(x, None, ignore_nonfinite=True, axis_name=axis_name)
+  else:
+    lo, hi = _finite_min_max(x, tuple(i for i in range(x.ndim) if i != ch_axis), axis_name)
   seen = lo <= hi
   fresh = ~(state.min_val <= state.max_val)
   new_min, new_max = jnp.minimum(state.min_val, lo), jnp.maximum(state.max_val, hi)
-
-  def along_channels(v):
-    return v if ch_axis is None else v.reshape([-1 if i == ch_axis else 1 for i in range(x.ndim)])
-
-  keep = jnp.isfinite(x)
-  values = jnp.abs(x) if mode == "absolute" else x
   if range_policy == "pow2":
-    g_old, o_old = hist_pow2.grid(state.min_val, state.max_val, bins, mode)
-    g, o = hist_pow2.grid(new_min, new_max, bins, mode)
-    pos = hist_pow2.positions(values, keep, along_channels(g), along_channels(o), bins)
+    grid = lambda a, b: hist_pow2.grid(a, b, bins, mode)
+    merge = _pow2_merge
   else:
-    new_lo, new_hi = mode_range(new_min, new_max, mode)
-    pos = hn.histc_positions(values, keep, bins, along_channels(new_lo), along_channels(new_hi))
-  counts = _count(pos, bins, ch_axis, state.histogram.shape)
-  if axis_name is not None:
-    counts = lax.psum(counts, axis_name)
-  if range_policy == "pow2":
-    old = hist_pow2.regrid(state.histogram, g_old, o_old, jnp.where(fresh, g_old, g), o)
-    hist = hist_pow2.saturating_add(jnp.where(fresh[..., None], 0, old), counts)
-  else:
-    hist = _torch_merge(
-      state, counts.astype(jnp.float32), fresh, new_lo, new_hi, mode, upsample_rate
-    )
-  keep_old = ~seen[..., None]
+    grid = lambda a, b: mode_range(a, b, mode)
+    merge = functools.partial(_torch_merge, upsample_rate=upsample_rate)
+
+  def block(hist, values, ones, fresh, seen, *grids):
+    """The merged histogram (``[bins]``, or ``[channels, bins]`` for ``values`` [channels, m])."""
+    positions = _positions(range_policy, mode, bins, *(g[..., None] for g in grids[2:]))
+    if hist.ndim == 1:
+      counts = hn.count(positions, values, bins)
+    else:
+      counts = hn.count_rows(positions, values, bins, ones)
+    if axis_name is not None:
+      counts = lax.psum(counts, axis_name)
+    return merge(hist, counts, fresh, seen, *grids)
+
+  params = (fresh, seen, *grid(state.min_val, state.max_val), *grid(new_min, new_max))
+  if ch_axis is None:
+    hist = block(state.histogram, x, None, *params)
+  else:  # channel-major rows: each group of channels reads one contiguous block
+    rows = jnp.moveaxis(x, ch_axis, 0).reshape(state.histogram.shape[0], -1)
+    hist = _along_channel_groups(block, state.histogram, rows, params)
   return HistogramState(
-    histogram=jnp.where(keep_old, state.histogram, hist),
+    histogram=hist,
     min_val=jnp.where(seen, new_min, state.min_val),
     max_val=jnp.where(seen, new_max, state.max_val),
   )
 
 
-def _count(pos, bins, ch_axis, hist_shape):
-  if ch_axis is None:
-    return hn.count(pos, bins)
-  channels = hist_shape[0]
-  ch = lax.broadcasted_iota(jnp.int32, pos.shape, ch_axis)
-  flat = jnp.where(pos == bins, channels * bins, ch * bins + pos)
-  return hn.count(flat, channels * bins).reshape(hist_shape)
+def _finite_min_max(x, axes, axis_name):
+  """``(min, max)`` of the finite values of ``x`` over ``axes``: ``reduce.batch_min_max``'s answer.
+
+  The same plain reductions come first; the masked pass, run only when they met NaN or ``±inf``,
+  is one variadic reduction that XLA fuses with the mask. Over axes that exclude the last one,
+  ``batch_min_max`` masks into two copies of ``x`` there, and that branch's temporaries count on
+  every call: at 4M values they lift a per-channel update's temporaries past glibc's 32 MiB
+  ``mmap`` threshold, and every call then page-faults them afresh (2.5x the update's time).
+  """
+  inf = jnp.float32(jnp.inf)
+
+  def masked(_):
+    keep = jnp.isfinite(x)
+    extremes = (jnp.where(keep, x, inf), jnp.where(keep, x, -inf))
+    return lax.reduce(extremes, (inf, -inf), _min_max, axes)
+
+  if x.size <= SMALL:  # one fused pass; a branch would cost more than it saves
+    lo, hi = masked(None)
+  else:
+    lo, hi = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+    clean = jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))
+    lo, hi = lax.cond(clean, lambda _: (lo, hi), masked, None)
+  if axis_name is not None:
+    lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
+  return lo, hi
 
 
-def _torch_merge(state, update, fresh, new_lo, new_hi, mode, upsample_rate):
-  old_lo, old_hi = mode_range(state.min_val, state.max_val, mode)
-  merge = lambda h, a, b, u, c, d: hn.merge(h, a, b, u, c, d, upsample_rate=upsample_rate)
-  if state.histogram.ndim == 1:
-    merged = merge(state.histogram, old_lo, old_hi, update, new_lo, new_hi)
-  else:  # re-bin only when some channel's range moved; otherwise add.
-    moved = jnp.any(~fresh & ((new_lo != old_lo) | (new_hi != old_hi)))
-    merged = lax.cond(
-      moved,
-      lambda: jax.vmap(merge)(state.histogram, old_lo, old_hi, update, new_lo, new_hi),
-      lambda: state.histogram + update,
-    )
-  return jnp.where(fresh[..., None], update, merged)
+def _min_max(a, b):
+  return jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])
+
+
+def _positions(range_policy: str, mode: str, bins: int, a, b):
+  """Elementwise bins of raw values on the grid ``(a, b)``: ``(g, o)`` (pow2) or ``(lo, hi)``."""
+
+  def positions(v):
+    keep = jnp.isfinite(v)
+    values = jnp.abs(v) if mode == "absolute" else v
+    if range_policy == "pow2":
+      return hist_pow2.positions(values, keep, a, b, bins)
+    return hn.histc_positions(values, keep, bins, a, b)
+
+  return positions
+
+
+def _along_channel_groups(block, hist, rows, params):
+  """``block(hist[g], rows[g], *params[g])`` for groups ``g`` of channels, written in place.
+
+  A group's count table (``_GROUP_BYTES``) stays in cache, and no ``[channels, bins]`` array
+  other than the result is ever built: one that size would be a second pass over the histogram
+  and, past 32 MiB, a fresh ``mmap`` (page faults) on every call.
+  """
+  channels, bins = hist.shape
+  size = max(1, min(channels, _GROUP_BYTES // (4 * bins)))
+  groups = channels // size
+  split = lambda a: a[: groups * size].reshape(groups, size, *a.shape[1:])
+
+  ones = jnp.ones(rows[:size].size, jnp.int32)  # the scatter's updates, built once
+
+  def body(out, xs):
+    start, values, group_params = xs
+    old = lax.dynamic_slice_in_dim(out, start, size)
+    new = block(old, values, ones, *group_params)
+    return lax.dynamic_update_slice_in_dim(out, new, start, 0), None
+
+  starts = jnp.arange(groups, dtype=jnp.int32) * size
+  hist, _ = lax.scan(body, hist, (starts, split(rows), tuple(map(split, params))))
+  done = groups * size
+  if done < channels:
+    tail = rows[done:]
+    rest = block(hist[done:], tail, jnp.ones(tail.size, jnp.int32), *(p[done:] for p in params))
+    hist = hist.at[done:].set(rest)
+  return hist
+
+
+def _pow2_merge(hist, counts, fresh, seen, g_old, o_old, g, o):
+  """Exact bin merging onto the new grid, then a saturating add of the counts."""
+  g_new = jnp.where(fresh, g_old, g)
+  old = _if_moved(
+    fresh, (g_old, o_old), (g_new, o), lambda: hist_pow2.regrid(hist, g_old, o_old, g_new, o), hist
+  )
+  new = hist_pow2.saturating_add(jnp.where(fresh[..., None], 0, old), counts)
+  return jnp.where(seen[..., None], new, hist)
+
+
+def _torch_merge(hist, counts, fresh, seen, old_lo, old_hi, new_lo, new_hi, *, upsample_rate):
+  """torch's ``forward``: the old histogram carried onto the new range, plus the counts."""
+  carry = lambda a: hn.rebinned(*a, upsample_rate=upsample_rate)
+  operands = (hist, old_lo, old_hi, new_lo, new_hi)
+  if hist.ndim == 1:
+    base = carry(operands)
+  else:  # a few channels at a time: each makes [bins * upsample_rate] temporaries.
+    rebin = lambda: lax.map(carry, operands, batch_size=_REBIN_BATCH)
+    base = _if_moved(fresh, (old_lo, old_hi), (new_lo, new_hi), rebin, hist)
+  new = jnp.where(fresh[..., None], 0.0, base) + counts.astype(jnp.float32)
+  return jnp.where(seen[..., None], new, hist)
+
+
+def _if_moved(fresh, old_grid, new_grid, rebin, hist):
+  """``rebin()`` if some channel seen before changes grid, else ``hist`` (the common case)."""
+  moved = jnp.any(~fresh & ((old_grid[0] != new_grid[0]) | (old_grid[1] != new_grid[1])))
+  return lax.cond(moved, rebin, lambda: hist)

@@ -18,6 +18,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,28 +105,44 @@ def histc_positions(x: jax.Array, keep: jax.Array, bins: int, lo, hi) -> jax.Arr
   return jnp.where(inside, pos, bins)
 
 
-def count(positions: jax.Array, length: int) -> jax.Array:
-  """int32 counts of ``positions`` (values in ``[0, length]``, ``length`` = discarded) -> [length].
+def count(positions, x: jax.Array, length: int) -> jax.Array:
+  """int32 counts ``[length]`` of ``positions(v)`` over every element ``v`` of ``x``.
 
-  The scatter is cut into independent chunks: one XLA:CPU scatter over millions of indices is
-  several times slower than a few over a quarter million each.
+  ``positions`` maps float32 values, elementwise, to bins in ``[0, length]`` (``length``: dropped).
+  ``x`` is cut into chunks and ``positions`` applied to each, so that XLA fuses it into the chunk's
+  scatter; applied to all of ``x`` at once, its float32 quotient and int32 bins are materialized:
+  8 bytes of temporaries an element, and past 32 MiB glibc maps them afresh, page faults
+  included, on every call. Independent scatters over a quarter million indices each also run in
+  parallel, and beat one XLA:CPU scatter over millions several times over.
   """
-  positions = positions.reshape(-1)
-  n = positions.size
-  chunks = min(max(-(-n // _CHUNK), 1), _MAX_CHUNKS)
-  size = -(-n // chunks)
-  if size * chunks != n:
-    positions = jnp.pad(positions, (0, size * chunks - n), constant_values=length)
-  parts = positions.reshape(chunks, size)
-  empty = jnp.zeros(length + 1, jnp.int32)
-  counts = [empty.at[parts[k]].add(1, mode="promise_in_bounds") for k in range(chunks)]
-  total = jnp.sum(jnp.stack(counts), axis=0)
-  return total[:length]
+  flat = x.reshape(-1)
+  chunks = min(max(-(-flat.size // _CHUNK), 1), _MAX_CHUNKS)
+  size = -(-flat.size // chunks)
+  empty = jnp.zeros(length, jnp.int32)
+  parts = [flat[k * size : (k + 1) * size] for k in range(chunks)]
+  counts = [empty.at[positions(part)].add(1, mode="drop") for part in parts]
+  return functools.reduce(jnp.add, counts)
 
 
-def histc(x: jax.Array, keep: jax.Array, bins: int, lo, hi) -> jax.Array:
-  """torch's ``histc(x[keep], bins, min=lo, max=hi)`` as float32 counts (exact integers)."""
-  return count(histc_positions(x, keep, bins, lo, hi), bins).astype(jnp.float32)
+def count_rows(positions, x: jax.Array, length: int, ones: jax.Array) -> jax.Array:
+  """int32 counts ``[R, length]``: row ``r`` counts ``positions(x)[r]`` (``x``: ``[R, m]``).
+
+  One scatter into a zeroed ``[R * length]`` table; the caller keeps ``R * length`` small enough
+  to stay in cache (:mod:`hist_accumulate` feeds it groups of channels) and passes the scatter's
+  ``ones`` (``[R * m]`` int32), so that inside a loop they are not rebuilt on every trip.
+  """
+  rows = x.shape[0]
+  pos = positions(x)
+  row = lax.broadcasted_iota(jnp.int32, pos.shape, 0)
+  flat = jnp.where(pos == length, rows * length, row * length + pos)  # rows * length: dropped
+  table = jnp.zeros(rows * length, jnp.int32).at[flat.reshape(-1)].add(ones, mode="drop")
+  return table.reshape(rows, length)
+
+
+def histc(x: jax.Array, bins: int, lo, hi) -> jax.Array:
+  """torch's ``histc(x, bins, min=lo, max=hi)`` of the finite values of ``x``, as float32 counts."""
+  positions = lambda v: histc_positions(v, jnp.isfinite(v), bins, lo, hi)
+  return count(positions, x, bins).astype(jnp.float32)
 
 
 def upscale(
@@ -144,27 +162,32 @@ def upscale(
   bounds = linspace(new_min, new_max, bins + 1)
   idx = jnp.searchsorted(bounds, mids, side="right") - 1
   idx = jnp.clip(idx, 0, bins - 1)
-  return jnp.zeros(bins, jnp.float32).at[idx].add(weights)
+  # The barrier keeps XLA from folding a later ``+ update`` into the scatter as its initial
+  # value (``scatter(update, ...)``): that adds the weights to the counts one at a time instead
+  # of summing them first, and the float32 roundings then differ from torch's.
+  return lax.optimization_barrier(jnp.zeros(bins, jnp.float32).at[idx].add(weights))
 
 
-def merge(hist, old_lo, old_hi, update, new_lo, new_hi, *, upsample_rate: int = 16) -> jax.Array:
-  """torch's ``forward`` after the first batch: the old histogram on the new range, plus ``update``.
+def rebinned(hist, old_lo, old_hi, new_lo, new_hi, *, upsample_rate: int = 16) -> jax.Array:
+  """The old histogram carried onto the new range: what torch adds the batch's counts to.
 
-  Same range: ``hist + update``. Old range a single point (a constant first batch): all old mass
-  moves to the bin histc gives that point. Otherwise ``update + upscale(hist)``.
+  Same range: ``hist``. Old range a single point (a constant first batch): all old mass moves to
+  the bin histc gives that point. Otherwise ``upscale(hist)``.
   """
   bins = hist.shape[-1]
 
-  def add():
-    return hist + update
-
   def from_point():
     pos = histc_positions(old_lo[None], jnp.ones((1,), bool), bins, new_lo, new_hi)
-    return (jnp.arange(bins) == pos).astype(jnp.float32) * jnp.sum(hist) + update
+    return (jnp.arange(bins) == pos).astype(jnp.float32) * jnp.sum(hist)
 
   def resample():
-    return update + upscale(hist, old_lo, old_hi, new_lo, new_hi, upsample_rate=upsample_rate)
+    return upscale(hist, old_lo, old_hi, new_lo, new_hi, upsample_rate=upsample_rate)
 
   same = (new_lo == old_lo) & (new_hi == old_hi)
   branch = jnp.where(same, 0, jnp.where(old_lo == old_hi, 1, 2))
-  return lax.switch(branch, (add, from_point, resample))
+  return lax.switch(branch, (lambda: hist, from_point, resample))
+
+
+def merge(hist, old_lo, old_hi, update, new_lo, new_hi, *, upsample_rate: int = 16) -> jax.Array:
+  """torch's ``forward`` after the first batch: ``rebinned(hist) + update`` (one rounding each)."""
+  return rebinned(hist, old_lo, old_hi, new_lo, new_hi, upsample_rate=upsample_rate) + update
