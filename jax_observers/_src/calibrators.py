@@ -1,9 +1,10 @@
 r"""Histogram calibrators: percentile, MSE and entropy (KL) clipping, per tensor or per channel.
 
 Each observer keeps a :class:`HistogramState` (``[bins]``, or ``[C, bins]`` for ``ch_axis`` set,
-updated in one pass: one scatter of ``C * bins`` counters) and turns it into a clipping range
-:math:`[l, h]` with a named published method (:mod:`calibrators_search`); ``calculate_qparams``
-then applies torch's formula (:math:`s = (h^+ - l^-)/(q_{max} - q_{min})`, or the symmetric one).
+updated in one pass over the data, a group of channels at a time: :mod:`hist_accumulate`) and
+turns it into a clipping range :math:`[l, h]` with a named published method
+(:mod:`calibrators_search`); ``calculate_qparams`` then applies torch's formula
+(:math:`s = (h^+ - l^-)/(q_{max} - q_{min})`, or the symmetric one).
 The default ``range_policy='pow2'`` makes the state independent of the batch split; ``'torch'``
 re-bins like torch's ``HistogramObserver``. NaN and :math:`\pm\infty` are never counted.
 """
