@@ -59,14 +59,14 @@ def main():
   x_host = rng.standard_normal(N).astype(np.float32)
   xt = torch.from_numpy(x_host)
   x = jax.block_until_ready(jnp.asarray(x_host))
-  floor = best_ms(jax.jit(jnp.sum), x)
+  floor = best_ms(jax.jit(jnp.sum), x, repeat=50)  # sub-ms: scheduler noise needs many tries
   print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
   print(f"jnp.sum over {N} float32 (memory-read floor): {floor:.2f} ms")
 
   obs = jo.HistogramObserver()
   update = jax.jit(obs.update)
   state = update(obs.init(x), x)
-  ours = best_ms(update, state, x)
+  ours = best_ms(update, state, x, repeat=15)
   tobs = torch.ao.quantization.HistogramObserver()
   tobs(xt)
   theirs = best_ms(lambda: tobs(xt))
@@ -98,7 +98,7 @@ def main():
     s = update(obs.init(data), jnp.asarray(data))
     t = torch.ao.quantization.HistogramObserver()
     t(torch.from_numpy(data))
-    ours = best_ms(qparams, s, repeat=5)
+    ours = best_ms(qparams, s, repeat=20)
     theirs = best_ms(t.calculate_qparams, repeat=3)
     same = np.float32(t.calculate_qparams()[0].item()) == np.asarray(qparams(s).scale)
     print(
@@ -108,7 +108,7 @@ def main():
 
   channels = 4096
   w = jnp.asarray(rng.standard_normal((N // channels, channels)).astype(np.float32))
-  floor_c = best_ms(jax.jit(jnp.sum), w)
+  floor_c = best_ms(jax.jit(jnp.sum), w, repeat=50)
   for policy in ("pow2", "torch"):
     cal = jo.HistogramPercentileObserver(
       ch_axis=1, qscheme=jo.per_channel_affine, range_policy=policy
