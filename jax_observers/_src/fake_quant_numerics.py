@@ -27,32 +27,11 @@ from jax import lax
 
 from jax_observers._src import numerics
 
-_SPLITTER = np.float32(4097.0)  # 2**12 + 1: splits a float32 into two 12-bit halves.
 _SAFE = np.float32(2.0**100)  # Dekker's split cannot overflow below this magnitude.
 
 
-def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(s, e)`` with ``s = rn(a + b)`` and ``a + b = s + e`` exactly (Knuth)."""
-  s = a + b
-  bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  c = numerics.rounded(_SPLITTER * a)
-  hi = c - (c - a)
-  return hi, a - hi
-
-
-def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(p, e)`` with ``p = rn(a b)`` and ``a b = p + e`` exactly (Dekker), for |a|, |b| < 2**100."""
-  p = numerics.rounded(a * b)
-  a_hi, a_lo = _split(a)
-  b_hi, b_lo = _split(b)
-  e = numerics.rounded(a_hi * b_hi) - p
-  e = e + numerics.rounded(a_hi * b_lo)
-  e = e + numerics.rounded(a_lo * b_hi)
-  return p, e + numerics.rounded(a_lo * b_lo)
+two_sum = numerics.two_sum
+two_prod = numerics.two_prod
 
 
 def round_three(high: jax.Array, mid: jax.Array, low: jax.Array) -> jax.Array:

@@ -27,38 +27,13 @@ from jax import lax
 
 from jax_observers._src import numerics
 
-_SPLITTER = np.float32(4097.0)  # 2**12 + 1: Veltkamp's splitter for 24-bit significands.
 _CHUNK = 1 << 18  # elements per scatter; XLA:CPU runs independent scatters in parallel.
 _MAX_CHUNKS = 32
 
 
-def _two_sum(a, b):
-  """``a + b = s + e`` exactly (Knuth)."""
-  s = a + b
-  bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a):
-  c = numerics.rounded(_SPLITTER * a)
-  hi = c - (c - a)
-  return hi, a - hi
-
-
-def _two_prod(a, b):
-  """``a * b = p + e`` exactly (Dekker), products kept apart from the adds (no FMA)."""
-  p = numerics.rounded(a * b)
-  ah, al = _split(a)
-  bh, bl = _split(b)
-  e = numerics.rounded(ah * bh) - p
-  e = e + numerics.rounded(ah * bl)
-  e = e + numerics.rounded(al * bh)
-  return p, e + numerics.rounded(al * bl)
-
-
 def _add_round_to_odd(a, b):
   """``a + b`` rounded to odd: truncated, with the last significand bit set when inexact."""
-  s, e = _two_sum(a, b)
+  s, e = numerics.two_sum(a, b)
   even = (lax.bitcast_convert_type(s, jnp.int32) & 1) == 0
   away = jnp.nextafter(s, jnp.where(e > 0, jnp.float32(jnp.inf), jnp.float32(-jnp.inf)))
   return jnp.where((e != 0) & even, away, s)
@@ -66,8 +41,8 @@ def _add_round_to_odd(a, b):
 
 def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
   """``a * b + c`` with a single float32 rounding (no overflow or underflow assumed)."""
-  p, pe = _two_prod(a, b)
-  s, se = _two_sum(c, p)
+  p, pe = numerics.two_prod(a, b)
+  s, se = numerics.two_sum(c, p)
   return s + _add_round_to_odd(se, pe)
 
 

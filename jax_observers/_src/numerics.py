@@ -73,3 +73,32 @@ def x86_to_int32(values: jax.Array) -> jax.Array:
   out_of_range = jnp.isnan(values) | (values >= _TWO_POW_31) | (values < -_TWO_POW_31)
   safe = jnp.where(out_of_range, jnp.zeros_like(values), values)
   return jnp.where(out_of_range, INT32_MIN, safe.astype(jnp.int32))
+
+
+_SPLITTER = np.float32(4097.0)  # 2**12 + 1: Veltkamp's splitter for 24-bit significands.
+
+
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, e)`` with ``s = rn(a + b)`` and ``a + b = s + e`` exactly (Knuth)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``a = hi + lo`` with 12-bit halves (Veltkamp), for |a| < 2**100."""
+  c = rounded(_SPLITTER * a)
+  hi = c - (c - a)
+  return hi, a - hi
+
+
+def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(p, e)`` with ``p = rn(a b)`` and ``a b = p + e`` exactly (Dekker), products kept apart
+  from the adds (no FMA), for |a|, |b| < 2**100."""
+  p = rounded(a * b)
+  a_hi, a_lo = split(a)
+  b_hi, b_lo = split(b)
+  e = rounded(a_hi * b_hi) - p
+  e = e + rounded(a_hi * b_lo)
+  e = e + rounded(a_lo * b_hi)
+  return p, e + rounded(a_lo * b_lo)
