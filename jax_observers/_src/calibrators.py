@@ -295,14 +295,7 @@ def _to_dict(observer, state) -> dict[str, np.ndarray]:
 
 
 def _from_dict(observer, d, *, strict, example):
-  keys = ("eps", "histogram", "min_val", "max_val")
-  missing = [k for k in keys if k not in d]
-  if missing:
-    raise KeyError(f"{type(observer).__name__} state_dict is missing {missing}; got {sorted(d)}.")
-  if strict and set(d) - set(keys):
-    raise ValueError(
-      f"{type(observer).__name__} state_dict has unexpected keys {sorted(set(d) - set(keys))}."
-    )
+  state_dict_lib.take(d, ("eps", "histogram", "min_val", "max_val"), observer, strict)
   dtype = np.int32 if observer.range_policy == "pow2" else np.float32
   hist = np.asarray(d["histogram"]).astype(dtype)
   if hist.shape[-1] != observer.bins or hist.ndim != (1 if observer.ch_axis is None else 2):

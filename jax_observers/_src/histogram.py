@@ -167,18 +167,8 @@ def _to_dict(observer, state) -> dict[str, np.ndarray]:
 
 def _from_dict(observer, d, *, strict, example):
   keys = ("eps", "histogram", "min_val", "max_val")
-  missing = [k for k in keys if k not in d]
-  if missing:
-    raise KeyError(f"HistogramObserver state_dict is missing {missing}; got {sorted(d)}.")
-  extra = sorted(set(d) - set(keys))
-  if strict and extra:
-    raise ValueError(f"HistogramObserver state_dict has unexpected keys {extra}.")
-  eps = float(np.asarray(d["eps"]).reshape(-1)[0])
-  if strict and np.float32(eps) != np.float32(observer.eps):
-    raise ValueError(
-      f"state_dict eps={eps!r} differs from the observer's eps={observer.eps!r}; build the "
-      "observer with that eps or pass strict=False."
-    )
+  eps, _, _, _ = state_dict_lib.take(d, keys, observer, strict)
+  state_dict_lib.check_eps(eps, observer, strict)
   hist = np.asarray(d["histogram"], np.float32)
   if hist.shape != (observer.bins,):
     raise ValueError(f"histogram has shape {hist.shape}; the observer has bins={observer.bins}.")

@@ -78,6 +78,16 @@ def take(d: dict, keys: tuple[str, ...], observer, strict: bool) -> list[np.ndar
   return [d[k] for k in keys]
 
 
+def check_eps(eps: np.ndarray, observer, strict: bool) -> None:
+  """Under ``strict``, a ValueError when the stored ``eps`` is not the observer's."""
+  stored = float(np.asarray(eps).reshape(-1)[0])
+  if strict and np.float32(stored) != np.float32(observer.eps):
+    raise ValueError(
+      f"state_dict eps={stored!r} differs from the observer's eps={observer.eps!r}; build the "
+      "observer with that eps or pass strict=False."
+    )
+
+
 def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
   min_val = np.array(state.min_val, np.float32)
   max_val = np.array(state.max_val, np.float32)
@@ -89,11 +99,7 @@ def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
 
 def _minmax_from_dict(observer, d, *, strict, example):
   eps, min_val, max_val = take(d, ("eps", "min_val", "max_val"), observer, strict)
-  if strict and np.float32(eps.reshape(-1)[0]) != np.float32(observer.eps):
-    raise ValueError(
-      f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from the observer's "
-      f"eps={observer.eps!r}; build the observer with that eps or pass strict=False."
-    )
+  check_eps(eps, observer, strict)
   per_channel = isinstance(observer, PerChannelMinMaxObserver)
   for name, value in (("min_val", min_val), ("max_val", max_val)):
     if (value.ndim != 1) if per_channel else (value.size != 1):
