@@ -71,9 +71,10 @@ def batch_min_max(
   skip = (lambda v: ~jnp.isfinite(v)) if ignore_nonfinite else jnp.isnan
 
   def masked(_=None):
+    # Plain reductions: a variadic one over a fused `where` is ~2x slower than two of them.
     keep = ~skip(x)
     inf = jnp.asarray(jnp.inf, x.dtype)
-    return min_max(jnp.where(keep, x, inf), jnp.where(keep, x, -inf), axes)
+    return jnp.min(jnp.where(keep, x, inf), axis=axes), jnp.max(jnp.where(keep, x, -inf), axis=axes)
 
   if x.size <= SMALL:  # one fused pass; a branch would cost more than it saves
     lo, hi = masked()
