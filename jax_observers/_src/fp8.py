@@ -90,6 +90,31 @@ def quantize_float8(x, scale, dtype) -> jax.Array:
   return jnp.clip(numerics.exact_div(x.astype(jnp.float32), scale), -fmax, fmax).astype(dtype)
 
 
+def accumulate_amax(observer, state, x, *, axis_name, config: str):
+  """``state`` with the running per-block amax of ``x`` (Float8Observer, MXObserver).
+
+  ``observer`` provides ``layout(x)`` and ``ignore_nonfinite``; ``config`` names its blocking in the
+  error raised when the state's shape does not fit ``x``.
+  """
+  name = type(observer).__name__
+  x = aq.float_input(x, name)
+  layout = observer.layout(x)
+  if jnp.shape(state.amax) != layout.state_shape:
+    raise ValueError(
+      f"{name}({config}) has state of shape {jnp.shape(state.amax)} but x of shape "
+      f"{jnp.shape(x)} gives blocks of shape {layout.state_shape}."
+    )
+  if x.size == 0:
+    return state
+  amax, _ = batch_amax(
+    layout.view(x),
+    layout.stat_axes,
+    ignore_nonfinite=observer.ignore_nonfinite,
+    axis_name=axis_name,
+  )
+  return AmaxState(amax=jnp.maximum(state.amax, amax))
+
+
 class AmaxState(ReadableRepr, struct.PyTreeNode, repr=False):
   """Running absolute maximum per block."""
 
@@ -146,19 +171,7 @@ class Float8Observer(Observer):
 
   def update(self, state: AmaxState, x, *, axis_name=None) -> AmaxState:
     """Observes ``x``; with ``axis_name``, the global batch (``pmax`` of the block amax)."""
-    x = aq.float_input(x, type(self).__name__)
-    layout = self.layout(x)
-    if jnp.shape(state.amax) != layout.state_shape:
-      raise ValueError(
-        f"{type(self).__name__}({self.granularity}) has state of shape {jnp.shape(state.amax)} "
-        f"but x of shape {jnp.shape(x)} gives blocks of shape {layout.state_shape}."
-      )
-    if x.size == 0:
-      return state
-    amax, _ = batch_amax(
-      layout.view(x), layout.stat_axes, ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
-    )
-    return AmaxState(amax=jnp.maximum(state.amax, amax))
+    return accumulate_amax(self, state, x, axis_name=axis_name, config=str(self.granularity))
 
   def calculate_qparams(self, state: AmaxState) -> QParams:
     scale = float8_scale_from_amax(

@@ -218,19 +218,9 @@ class MXObserver(Observer):
 
   def update(self, state: fp8.AmaxState, x, *, axis_name=None) -> fp8.AmaxState:
     """Observes ``x``; with ``axis_name``, the global batch (``pmax`` of the block amax)."""
-    x = aq.float_input(x, type(self).__name__)
-    layout = self.layout(x)
-    if jnp.shape(state.amax) != layout.state_shape:
-      raise ValueError(
-        f"{type(self).__name__}(block_size={self.block_size}) has state of shape "
-        f"{jnp.shape(state.amax)} but x of shape {jnp.shape(x)} gives {layout.state_shape}."
-      )
-    if x.size == 0:
-      return state
-    amax, _ = fp8.batch_amax(
-      layout.view(x), layout.stat_axes, ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
+    return fp8.accumulate_amax(
+      self, state, x, axis_name=axis_name, config=f"block_size={self.block_size}"
     )
-    return fp8.AmaxState(amax=jnp.maximum(state.amax, amax))
 
   def exponents(self, state: fp8.AmaxState) -> jax.Array:
     """The biased E8M0 bytes (uint8), one per block."""
