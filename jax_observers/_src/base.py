@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax_observers._src import fake_quant_ops as ops
 from jax_observers._src.partial import WithArgs
 from jax_observers._src.readable import ReadableRepr
 
@@ -119,6 +120,18 @@ class Observer(WithArgs, abc.ABC):
       f"{type(self).__name__} passes tensors through and has no quantization parameters."
     )
 
+  def unobserved(self, state) -> jax.Array | None:
+    """True where ``state`` has seen no value, so ``calculate_qparams`` gives torch's default.
+
+    None for observers without that notion. Eager ``calculate_qparams`` warns as torch does when
+    this is True ("must run observer before calling calculate_qparams").
+    """
+    return None
+
+  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
+    """``x`` quantized and dequantized with ``qparams`` on this observer's grid."""
+    raise QParamsUnavailableError(f"{type(self).__name__} has no quantization grid to apply.")
+
   def replace(self, **changes):
     """A copy of this config with ``changes`` (validated again)."""
     return dataclasses.replace(self, **changes)
@@ -177,6 +190,20 @@ class UniformObserver(Observer):
           f"quant_min={self.quant_min} must be less than quant_max={self.quant_max}."
         )
     self.quant_range  # noqa: B018 -- validates the range eagerly.
+
+  def unobserved(self, state) -> jax.Array:
+    """True when the running range is still (+inf, -inf) everywhere (torch's check)."""
+    return jnp.all(state.min_val == jnp.inf) & jnp.all(state.max_val == -jnp.inf)
+
+  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
+    """torch's ``fake_quantize_per_{tensor,channel}_affine`` with this observer's range."""
+    quant_min, quant_max = self.quant_range
+    scale, zero_point = qparams
+    if self.qscheme.is_per_channel:
+      return ops.fake_quantize_per_channel_affine(
+        x, scale, zero_point, self.ch_axis, quant_min, quant_max
+      )
+    return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
 
   @property
   def has_customized_qrange(self) -> bool:
