@@ -115,6 +115,10 @@ class FakeQuantizeBase(WithArgs, abc.ABC):
   def calculate_qparams(self, state) -> QParams:
     """torch's ``calculate_qparams()``."""
 
+  def unobserved(self, state) -> jax.Array | None:
+    """True when the observer inside has seen nothing (see ``Observer.unobserved``)."""
+    return None
+
   def replace(self, **changes):
     """A copy of this config with ``changes`` (validated again)."""
     return dataclasses.replace(self, **changes)
@@ -246,6 +250,9 @@ class FakeQuantize(FakeQuantizeBase):
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The observer's qparams from its current statistics (torch: not the stored buffers)."""
     return self.activation_post_process.calculate_qparams(state.activation_post_process)
+
+  def unobserved(self, state: FakeQuantizeState) -> jax.Array | None:
+    return self.activation_post_process.unobserved(state.activation_post_process)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from jax_observers._src import compiled
+
 
 def _field_names(cls: type) -> frozenset[str]:
   return frozenset(f.name for f in dataclasses.fields(cls) if f.init)
@@ -86,8 +88,19 @@ class PartialConfig:
     return f"{name}.with_args({args}{calls})"
 
 
+compiled.register(PartialConfig)
+
+
 class WithArgs:
-  """Mixin giving a config dataclass torch's ``with_args`` and ``with_callable_args``."""
+  """Mixin giving a config dataclass torch's ``with_args`` and ``with_callable_args``.
+
+  Every subclass is also a pytree with no leaves, and its public methods called eagerly run one
+  cached compile (:mod:`jax_observers._src.compiled`).
+  """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    compiled.compile_methods(cls)
 
   @classmethod
   def with_args(cls, **keywords) -> PartialConfig:

@@ -1,0 +1,112 @@
+"""Configs are static pytrees, and their methods called eagerly run one cached compile.
+
+A config (observer, fake quant, calibrator, ``PartialConfig``) is a pytree node with no leaves: the
+config itself is the tree's static data. So ``jax.jit(f)(config, state, x)`` works like any other
+argument, and two equal configs share one compile, as a static argument would.
+
+A public method (``init``, ``update``, ``calculate_qparams``, ``apply``, ...) called outside any JAX
+transformation dispatches to one ``jax.jit`` of that method, cached by JAX on the (hashable) config,
+the argument shapes and dtypes and ``axis_name``: the second eager call with the same shapes
+compiles nothing and costs about what the jitted call does. Inside ``jit``, ``vmap``, ``grad``,
+``scan`` or ``shard_map`` (any argument is a tracer) the method runs as written, so nothing changes
+for traced code.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, jax_observers as jo
+  >>> obs = jo.MinMaxObserver()
+  >>> jax.tree_util.tree_leaves(obs)
+  []
+  >>> x = jnp.array([-1.0, 2.0])
+  >>> state = jax.jit(lambda o, x: o.update(o.init(x), x))(obs, x)
+  >>> float(state.max_val)
+  2.0
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import jax
+
+# The methods that dispatch to a compiled call when used eagerly.
+METHODS = (
+  "init",
+  "update",
+  "calculate_qparams",
+  "apply",
+  "quantize",
+  "dequantize",
+  "fake_quantize",
+  "unobserved",
+)
+
+UNOBSERVED_WARNING = (
+  "must run observer before calling calculate_qparams. Returning default values."
+)
+
+
+def register(cls: type) -> None:
+  """Registers ``cls`` as a pytree with no leaves (the instance is its own static data)."""
+  jax.tree_util.register_static(cls)
+
+
+def _traced(args, kwargs) -> bool:
+  leaves = jax.tree_util.tree_leaves((args, kwargs))
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+@functools.cache
+def _jitted(fn):
+  """One ``jax.jit`` per method function; keyword-only arguments (``axis_name``) are static."""
+  static = [
+    p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY
+  ]
+  return jax.jit(fn, static_argnames=static)
+
+
+def eager_compiled(fn):
+  """``fn`` (a config method) running through a cached ``jax.jit`` when called outside a trace."""
+
+  @functools.wraps(fn)
+  def method(self, *args, **kwargs):
+    if _traced(args, kwargs):
+      return fn(self, *args, **kwargs)
+    return _jitted(fn)(self, *args, **kwargs)
+
+  method.eager_compiled = True
+  return method
+
+
+def warn_if_unobserved(config, state) -> None:
+  """torch's warning when an eager ``calculate_qparams`` sees a state that observed nothing."""
+  if _traced((state,), {}):
+    return
+  flag = config.unobserved(state)
+  if flag is not None and bool(flag):
+    warnings.warn(UNOBSERVED_WARNING, UserWarning, stacklevel=3)
+
+
+def compile_methods(cls: type) -> None:
+  """Wraps the public methods ``cls`` defines with :func:`eager_compiled`; registers the pytree."""
+  register(cls)
+  for name in METHODS:
+    fn = cls.__dict__.get(name)
+    if fn is None or not inspect.isfunction(fn) or getattr(fn, "eager_compiled", False):
+      continue
+    wrapped = eager_compiled(fn)
+    if name == "calculate_qparams":
+      wrapped = _warning_qparams(wrapped)
+    setattr(cls, name, wrapped)
+
+
+def _warning_qparams(method):
+  @functools.wraps(method)
+  def calculate_qparams(self, state, *args, **kwargs):
+    out = method(self, state, *args, **kwargs)
+    warn_if_unobserved(self, state)
+    return out
+
+  calculate_qparams.eager_compiled = True
+  return calculate_qparams
