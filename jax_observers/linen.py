@@ -1,32 +1,40 @@
 """Flax linen modules that keep observer state in the ``'observers'`` collection.
 
-Calibration is ``model.apply(variables, x, mutable=["observers"])``: a module updates its state only
-when that collection is mutable and never while the model initializes (as flax's BatchNorm and qwix
-do), so plain ``model.apply(variables, x)`` is inference and leaves the statistics alone. The input
-is observed through ``lax.stop_gradient``: observers never receive gradients.
+Calibration is ``model.apply(variables, x, mutable=["observers"])`` (or :func:`calibrate` over an
+iterable of batches): a module updates its state only when that collection is mutable and never
+while the model initializes (as flax's BatchNorm and qwix do), so plain ``model.apply(variables, x)``
+is inference and leaves the statistics alone. The input is observed through ``lax.stop_gradient``:
+observers never receive gradients. After calibration, ``Observe(..., quantize=True)`` (or the call
+argument ``quantize=True``, as BatchNorm's ``use_running_average``) fake-quantizes with the qparams
+of its state instead of observing, which is how a calibrated model is evaluated.
 
 Examples:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jax_observers as jo
   >>> class Net(nn.Module):
   ...   @nn.compact
-  ...   def __call__(self, x):
+  ...   def __call__(self, x, quantize=False):
   ...     x = nn.Dense(4)(x)
-  ...     return jo.linen.Observe(jo.MinMaxObserver(), name="act")(x)
+  ...     return jo.linen.Observe(jo.MinMaxObserver(), name="act")(x, quantize=quantize)
   >>> x = jnp.ones((2, 3))
   >>> variables = Net().init(jax.random.key(0), x)
-  >>> _, updated = Net().apply(variables, x, mutable=["observers"])
-  >>> qparams = jo.linen.calculate_qparams(Net(), {**variables, **updated}, x)
+  >>> variables = jo.linen.calibrate(Net(), variables, [x, 2 * x])
+  >>> qparams = jo.linen.calculate_qparams(Net(), variables, x)
   >>> sorted(qparams), qparams["act"].scale.dtype
   (['act'], dtype('float32'))
+  >>> y = Net().apply(variables, x, quantize=True)  # evaluate the calibrated model
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
+from jax_observers._src import progress as progress_lib
+from jax_observers._src import stacked
 from jax_observers._src.base import QParamsUnavailableError
 from jax_observers._src.fake_quant_state import (
   disable_fake_quant,
@@ -37,49 +45,64 @@ from jax_observers._src.fake_quant_state import (
   enable_static_estimate,
   enable_static_observation,
 )
-from jax_observers._src.learnable import LearnableFakeQuantize
+from jax_observers._src.partial import resolve_config
 
 COLLECTION = "observers"
-QPARAMS = "qparams"
 
 
 def _updating(module: nn.Module) -> bool:
   return module.is_mutable_collection(COLLECTION) and not module.is_initializing()
 
 
-def _sow_qparams(module: nn.Module, config, state) -> None:
-  if module.is_mutable_collection(QPARAMS) and not module.is_initializing():
-    try:
-      qparams = config.calculate_qparams(state)
-    except QParamsUnavailableError:
-      return
-    module.put_variable(QPARAMS, "qparams", qparams)
+class _Quantizer(nn.Module):
+  """What :func:`calculate_qparams` looks for: a config and its state at ``'observers'/state``."""
+
+  config_field = ""  # the attribute holding the config
+
+  def __post_init__(self):
+    config = resolve_config(self.quantizer_config(), arg=self.config_field)
+    object.__setattr__(self, self.config_field, config)
+    super().__post_init__()
+
+  def quantizer_config(self):
+    return getattr(self, self.config_field)
 
 
-class Observe(nn.Module):
-  """Observes its input with ``observer`` and returns the input unchanged.
+class Observe(_Quantizer):
+  """Observes its input with ``observer`` and returns it unchanged, or fake-quantized once calibrated.
 
   Attributes:
-    observer: any observer config (``jo.MinMaxObserver(...)``, a histogram observer, ...).
+    observer: an observer config (``jo.MinMaxObserver(...)``), its class, or a ``with_args``
+      partial (called once, as torch calls ``qconfig.activation()``).
     axis_name: a mapped axis (``shard_map``/``pmap``/``nn.vmap``) to reduce the batch statistic over,
       so that every device keeps the state of the global batch.
+    quantize: False (default) observes when ``'observers'`` is mutable; True fake-quantizes the
+      input with the qparams of the current state and observes nothing (evaluation after
+      calibration). ``__call__(x, quantize=...)`` overrides it for one call.
   """
 
   observer: Any
   axis_name: Any = None
+  quantize: bool = False
+
+  config_field = "observer"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, quantize: bool | None = None) -> jax.Array:
+    quantize = self.quantize if quantize is None else quantize
     state = self.variable(COLLECTION, "state", self.observer.init, x)
+    if quantize:
+      if self.is_initializing():
+        return x
+      return self.observer.fake_quantize(x, self.observer.calculate_qparams(state.value))
     if _updating(self):
       state.value = self.observer.update(
         state.value, jax.lax.stop_gradient(x), axis_name=self.axis_name
       )
-    _sow_qparams(self, self.observer, state.value)
     return x
 
 
-class FakeQuant(nn.Module):
+class FakeQuant(_Quantizer):
   """Fake-quantizes its input with ``config`` (``jo.FakeQuantize``, fused, fixed or learnable).
 
   The fake-quant state (observer state, ``scale``/``zero_point`` buffers, the enable flags) lives in
@@ -88,27 +111,28 @@ class FakeQuant(nn.Module):
   straight-through mask. Toggle a whole model with ``jo.disable_observer(variables)``,
   ``jo.disable_fake_quant(variables)`` and friends (re-exported here).
 
-  For ``jo.LearnableFakeQuantize`` (LSQ), ``scale`` and ``zero_point`` are ``'params'`` so the
-  optimizer trains them; while the state's ``static_enabled`` flag is on (calibration), apply with
-  ``mutable=["observers", "params"]`` so the observed qparams are written into those params.
+  The config's ``trainable_fields`` (LSQ's ``scale`` and ``zero_point`` for
+  ``jo.LearnableFakeQuantize``) are ``'params'`` so the optimizer trains them; while the state's
+  ``static_enabled`` flag is on (calibration), apply with ``mutable=["observers", "params"]`` so the
+  observed qparams are written into those params.
 
   Attributes:
-    config: a fake-quant config.
+    config: a fake-quant config, its class, or a ``with_args`` partial.
     axis_name: a mapped axis to sync the observer's batch statistic over.
   """
 
   config: Any
   axis_name: Any = None
 
+  config_field = "config"
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     state_var = self.variable(COLLECTION, "state", self.config.init, x)
     state = state_var.value
-    learnable = isinstance(self.config, LearnableFakeQuantize)
-    if learnable:
-      scale = self.param("scale", lambda _: state.scale)
-      zero_point = self.param("zero_point", lambda _: state.zero_point)
-      state = state.replace(scale=scale, zero_point=zero_point)
+    trainable = self.config.trainable_fields
+    params = {name: self.param(name, lambda _, v: v, getattr(state, name)) for name in trainable}
+    state = state.replace(**params)
     if self.is_initializing():  # the variables exist now; skip tracing the fake quant itself
       return x
     updating = _updating(self)
@@ -116,21 +140,112 @@ class FakeQuant(nn.Module):
       state = disable_observer(state)
     y, new_state = self.config.apply(state, x, axis_name=self.axis_name)
     if updating:
-      if learnable and self.is_mutable_collection("params"):
-        self.put_variable("params", "scale", new_state.scale)
-        self.put_variable("params", "zero_point", new_state.zero_point)
+      if self.is_mutable_collection("params"):
+        for name in trainable:
+          self.put_variable("params", name, getattr(new_state, name))
       state_var.value = new_state
-    _sow_qparams(self, self.config, new_state)
     return y
+
+
+def calibrate(
+  model: nn.Module,
+  variables,
+  batches: Iterable,
+  *,
+  progress: bool = False,
+  mutable=(COLLECTION,),
+  **kwargs,
+):
+  """Runs ``model.apply(variables, batch, mutable=mutable, **kwargs)`` jitted over ``batches``.
+
+  Args:
+    model: a linen module with :class:`Observe` or :class:`FakeQuant` inside.
+    variables: its variables (``model.init(...)``), with an ``'observers'`` collection.
+    batches: an iterable of inputs; a tuple is passed as positional arguments.
+    progress: draw a progress bar on stderr.
+    mutable: the collections the calibration may change (add ``"params"`` for LSQ).
+    **kwargs: passed to ``model.apply`` (static: e.g. ``train=False``).
+
+  Returns:
+    ``variables`` with the updated collections.
+
+  Raises:
+    ValueError: ``variables`` has no ``'observers'`` collection, ``batches`` is empty, or no observer
+      state changed (observers disabled or in quantize mode, ...).
+  """
+  if COLLECTION not in variables:
+    raise ValueError(
+      f"variables has no {COLLECTION!r} collection (it has {sorted(variables)}): the model holds no "
+      "jo.linen.Observe or FakeQuant, or variables came from another model."
+    )
+  step = jax.jit(lambda v, args: model.apply(v, *args, mutable=list(mutable), **kwargs)[1])
+  before = variables[COLLECTION]
+  seen = 0
+  label = f"calibrating {type(model).__name__}"
+  for batch in progress_lib.bar(batches, label) if progress else batches:
+    args = batch if isinstance(batch, tuple) else (batch,)
+    variables = {**variables, **step(variables, args)}
+    seen += 1
+  if not seen:
+    raise ValueError("calibrate got no batches.")
+  if stacked.trees_equal(before, variables[COLLECTION]):
+    raise ValueError(
+      f"calibrate ran {seen} batches but no observer state changed: are the observers disabled "
+      "(jo.disable_observer) or in quantize mode, or every batch empty or NaN?"
+    )
+  return variables
+
+
+def _sites(model: nn.Module, variables, args, kwargs) -> dict[tuple[str, ...], tuple]:
+  """Module path -> (config, input spec) of every quantizer that ``model.apply`` reaches."""
+  sites = {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if isinstance(module, _Quantizer) and context.method_name == "__call__":
+      x = call_args[0]
+      sites[module.path] = (module.quantizer_config(), jax.ShapeDtypeStruct(np.shape(x), x.dtype))
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  return sites
 
 
 def calculate_qparams(model: nn.Module, variables, *args, **kwargs) -> dict:
   """The QParams of every observer in ``model``, keyed by module path (a nested dict).
 
-  Runs ``model.apply(variables, *args, **kwargs)`` once without touching the statistics.
+  The model is traced once with ``*args, **kwargs`` (``jax.eval_shape``: nothing runs) to find each
+  observer's config; the qparams come from the states in ``variables``. A layer under ``nn.scan`` or
+  ``nn.vmap`` (``variable_axes={"observers": 0, ...}``) gets its qparams stacked the same way.
+  Observers without qparams (``PlaceholderObserver``, ...) are left out.
+
+  Raises:
+    ValueError: a state in ``variables['observers']`` belongs to no module that these arguments
+      reach, or its shape does not fit its observer.
   """
-  _, out = model.apply(variables, *args, mutable=[QPARAMS], **kwargs)
-  return _strip(dict(out.get(QPARAMS, {})))
+  sites = _sites(model, variables, args, kwargs)
+  states = variables.get(COLLECTION, {})
+  out: dict = {}
+  for path in stacked.state_paths(states):
+    if path not in sites:
+      raise ValueError(
+        f"the observer state at {'/'.join(path)!r} was not reached by model.apply(variables, "
+        "*args): pass arguments that run every observer (or remove stale states)."
+      )
+    config, spec = sites[path]
+    state = stacked.subtree(states, path)["state"]
+    fields = {n: stacked.subtree(variables["params"], path)[n] for n in config.trainable_fields}
+    state = state.replace(**fields)
+    try:
+      qparams = stacked.calculate_qparams(config, state, spec, "/".join(path))
+    except QParamsUnavailableError:
+      continue
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = qparams
+  return out
 
 
 __all__ = [
@@ -138,6 +253,7 @@ __all__ = [
   "FakeQuant",
   "Observe",
   "calculate_qparams",
+  "calibrate",
   "disable_fake_quant",
   "disable_observer",
   "enable_fake_quant",
@@ -146,12 +262,3 @@ __all__ = [
   "enable_static_estimate",
   "enable_static_observation",
 ]
-
-
-def _strip(tree):
-  """Drops the ``"qparams"`` variable-name level: {"act": {"qparams": qp}} -> {"act": qp}."""
-  if isinstance(tree, dict):
-    if set(tree) == {"qparams"} and not isinstance(tree["qparams"], dict):
-      return tree["qparams"]
-    return {k: _strip(v) for k, v in tree.items()}
-  return tree

@@ -3,7 +3,10 @@
 ``nnx.state(model, jo.nnx.ObserverVariable)`` selects every observer state of a model, so it can be
 saved, synced or reset on its own; ``nnx.split(model, jo.nnx.ObserverVariable, ...)`` keeps it out of
 the optimizer's parameters. Observing is switched per module (``observing``) or for a whole model
-with :func:`disable_observer` / :func:`enable_observer`.
+with :func:`disable_observer` / :func:`enable_observer`; :func:`calibrate` runs a jitted loop over
+batches. After calibration ``model.set_attributes(quantize=True)`` (or ``model.eval(quantize=True)``,
+as nnx's BatchNorm follows ``use_running_average``) makes every :class:`Observe` fake-quantize with
+the qparams of its state instead of observing.
 
 Examples:
   >>> import jax.numpy as jnp
@@ -17,14 +20,17 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from jax_observers._src import fake_quant_state
+from jax_observers._src import fake_quant_state, stacked
+from jax_observers._src import progress as progress_lib
 from jax_observers._src.base import QParamsUnavailableError
-from jax_observers._src.learnable import LearnableFakeQuantize
+from jax_observers._src.partial import resolve_config
 
 
 class ObserverVariable(nnx.Variable):
@@ -34,23 +40,55 @@ class ObserverVariable(nnx.Variable):
 nnx.register_variable_name("observers", ObserverVariable)
 
 
-class Observe(nnx.Module):
-  """Observes its input with ``observer`` and returns the input unchanged.
+class _Quantizer(nnx.Module):
+  """An observer or fake-quant module: a config, its :class:`ObserverVariable` and the input spec.
+
+  ``spec`` is the shape and dtype of one call's input, so that :func:`calculate_qparams` can tell
+  the stacked axes of an ``nnx.vmap``/``nnx.scan`` stack from the state's own.
+  """
+
+  def _setup(self, config, example, arg: str):
+    config = resolve_config(config, arg=arg)
+    example = example if hasattr(example, "shape") else jnp.asarray(example)
+    self.spec = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+    return config, config.init(example)
+
+  def enable_observer(self, enabled: bool = True) -> None:
+    """Switches statistics updates on or off."""
+    raise NotImplementedError
+
+  def map_fake_quant_state(self, fn) -> None:
+    """Applies ``fn`` to a fake-quant state (nothing for a plain observer)."""
+
+  def current_state(self):
+    return self.state.get_value()
+
+
+class Observe(_Quantizer):
+  """Observes its input with ``observer`` and returns it unchanged, or fake-quantized once calibrated.
 
   Args:
-    observer: any observer config.
+    observer: an observer config, its class, or a ``with_args`` partial (called once).
     example: an input example (only its shape and dtype are used) to size the state.
     axis_name: a mapped axis to reduce the batch statistic over (``shard_map``, ``pmap``, ``vmap``).
     observing: update the statistics on each call (switch with :func:`disable_observer`).
+    quantize: fake-quantize the input with the qparams of the current state and observe nothing
+      (evaluation after calibration); set it for a whole model with
+      ``model.set_attributes(quantize=True)``.
   """
 
-  def __init__(self, observer: Any, example, *, axis_name=None, observing: bool = True):
-    self.observer = observer
-    self.state = ObserverVariable(observer.init(example))
+  def __init__(
+    self, observer: Any, example, *, axis_name=None, observing: bool = True, quantize: bool = False
+  ):
+    self.observer, state = self._setup(observer, example, "observer")
+    self.state = ObserverVariable(state)
     self.axis_name = axis_name
     self.observing = observing
+    self.quantize = quantize
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.quantize:
+      return self.observer.fake_quantize(x, self.calculate_qparams())
     if self.observing:
       new = self.observer.update(
         self.state.get_value(), jax.lax.stop_gradient(x), axis_name=self.axis_name
@@ -58,77 +96,112 @@ class Observe(nnx.Module):
       self.state.set_value(new)
     return x
 
+  @property
+  def config(self):
+    return self.observer
+
+  def enable_observer(self, enabled: bool = True) -> None:
+    self.observing = enabled
+
   def calculate_qparams(self):
     return self.observer.calculate_qparams(self.state.get_value())
 
 
-class FakeQuant(nnx.Module):
+class FakeQuant(_Quantizer):
   """Fake-quantizes its input with ``config`` (``jo.FakeQuantize``, fused, fixed or learnable).
 
-  The fake-quant state is an :class:`ObserverVariable`; for ``jo.LearnableFakeQuantize`` (LSQ) the
-  ``scale`` and ``zero_point`` are ``nnx.Param`` so optimizers train them, and the forward writes
-  back torch's in-place updates (the observed qparams while static, the eps clamp otherwise).
+  The fake-quant state is an :class:`ObserverVariable`; the config's ``trainable_fields`` (LSQ's
+  ``scale`` and ``zero_point`` for ``jo.LearnableFakeQuantize``) are ``nnx.Param`` so optimizers
+  train them, and the forward writes back torch's in-place updates (the observed qparams while
+  static, the eps clamp otherwise).
 
   Args:
-    config: a fake-quant config.
+    config: a fake-quant config, its class, or a ``with_args`` partial.
     example: an input example (shape and dtype) to size the state.
     axis_name: a mapped axis to sync the observer's batch statistic over.
   """
 
   def __init__(self, config: Any, example, *, axis_name=None):
-    state = config.init(example)
-    self.config = config
-    self.learnable = isinstance(config, LearnableFakeQuantize)
-    if self.learnable:
-      self.scale = nnx.Param(state.scale)
-      self.zero_point = nnx.Param(state.zero_point)
+    self.config, state = self._setup(config, example, "config")
+    for name in self.config.trainable_fields:
+      setattr(self, name, nnx.Param(getattr(state, name)))
     self.state = ObserverVariable(state)
     self.axis_name = axis_name
 
+  def current_state(self):
+    params = {n: getattr(self, n).get_value() for n in self.config.trainable_fields}
+    return self.state.get_value().replace(**params)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    state = self.state.get_value()
-    if self.learnable:
-      state = state.replace(scale=self.scale.get_value(), zero_point=self.zero_point.get_value())
-    y, new_state = self.config.apply(state, x, axis_name=self.axis_name)
-    if self.learnable:
-      self.scale.set_value(new_state.scale)
-      self.zero_point.set_value(new_state.zero_point)
+    y, new_state = self.config.apply(self.current_state(), x, axis_name=self.axis_name)
+    for name in self.config.trainable_fields:
+      getattr(self, name).set_value(getattr(new_state, name))
     self.state.set_value(new_state)
     return y
 
+  def enable_observer(self, enabled: bool = True) -> None:
+    self.map_fake_quant_state(lambda state: fake_quant_state.enable_observer(state, enabled))
+
+  def map_fake_quant_state(self, fn) -> None:
+    self.state.set_value(fn(self.state.get_value()))
+
   def calculate_qparams(self):
-    state = self.state.get_value()
-    if self.learnable:
-      state = state.replace(scale=self.scale.get_value(), zero_point=self.zero_point.get_value())
-    return self.config.calculate_qparams(state)
+    return self.config.calculate_qparams(self.current_state())
 
 
 def _modules(model: nnx.Module):
   for path, module in nnx.iter_modules(model):
-    if hasattr(module, "calculate_qparams") and isinstance(
-      getattr(module, "state", None), ObserverVariable
-    ):
+    if isinstance(module, _Quantizer):
       yield path, module
 
 
 def calculate_qparams(model: nnx.Module) -> dict[str, Any]:
-  """The QParams of every observer in ``model``, keyed by the module path joined with ``/``."""
+  """The QParams of every observer in ``model``, keyed by the module path joined with ``/``.
+
+  Modules stacked by ``nnx.vmap``/``nnx.scan`` get their qparams stacked the same way. Observers
+  without qparams (``PlaceholderObserver``, ...) are left out.
+  """
   out = {}
   for path, module in _modules(model):
+    name = "/".join(map(str, path))
     try:
-      out["/".join(map(str, path))] = module.calculate_qparams()
+      out[name] = stacked.calculate_qparams(module.config, module.current_state(), module.spec, name)
     except QParamsUnavailableError:
       continue
   return out
 
 
+def calibrate(model: nnx.Module, batches: Iterable, *, progress: bool = False) -> nnx.Module:
+  """Runs ``model(batch)`` under ``nnx.jit`` over ``batches`` (a tuple is passed as positional
+  arguments), updating every observer in place; returns ``model``.
+
+  Raises:
+    ValueError: the model has no observer, ``batches`` is empty, or no observer state changed
+      (observers disabled or in quantize mode, ...).
+  """
+  if not any(True for _ in _modules(model)):
+    raise ValueError(f"{type(model).__name__} holds no jo.nnx.Observe or FakeQuant module.")
+  step = nnx.jit(lambda m, args: m(*args))
+  before = jax.tree.map(lambda a: a, nnx.state(model, ObserverVariable))
+  seen = 0
+  label = f"calibrating {type(model).__name__}"
+  for batch in progress_lib.bar(batches, label) if progress else batches:
+    step(model, batch if isinstance(batch, tuple) else (batch,))
+    seen += 1
+  if not seen:
+    raise ValueError("calibrate got no batches.")
+  if stacked.trees_equal(before, nnx.state(model, ObserverVariable)):
+    raise ValueError(
+      f"calibrate ran {seen} batches but no observer state changed: are the observers disabled "
+      "(jo.nnx.disable_observer) or in quantize mode, or every batch empty or NaN?"
+    )
+  return model
+
+
 def enable_observer(model: nnx.Module, enabled: bool = True) -> None:
   """Switches statistics updates on (or off) in every observer and fake-quant module, in place."""
   for _, module in _modules(model):
-    if isinstance(module, FakeQuant):
-      module.state.set_value(fake_quant_state.enable_observer(module.state.get_value(), enabled))
-    else:
-      module.observing = enabled
+    module.enable_observer(enabled)
 
 
 def disable_observer(model: nnx.Module) -> None:
@@ -148,8 +221,7 @@ def disable_fake_quant(model: nnx.Module) -> None:
 
 def _map_fake_quant(model: nnx.Module, fn) -> None:
   for _, module in _modules(model):
-    if isinstance(module, FakeQuant):
-      module.state.set_value(fn(module.state.get_value()))
+    module.map_fake_quant_state(fn)
 
 
 def enable_param_learning(model: nnx.Module) -> None:
@@ -163,5 +235,5 @@ def enable_static_estimate(model: nnx.Module) -> None:
 
 
 def enable_static_observation(model: nnx.Module) -> None:
-  """Every LSQ module of ``model`` only observes (output = input), in place."""
+  """Every LSQ module of ``model`` only observes (output = input, no learning), in place."""
   _map_fake_quant(model, fake_quant_state.enable_static_observation)

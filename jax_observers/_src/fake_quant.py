@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,10 @@ def _same_types(new, old):
 
 class FakeQuantizeBase(WithArgs, abc.ABC):
   """The fake-quant protocol: ``init``, ``apply``, ``update``, ``calculate_qparams`` (module docstring)."""
+
+  # State fields that are trainable parameters (LSQ's scale and zero_point): Flax keeps them in
+  # 'params' / nnx.Param and writes them into the state before each apply.
+  trainable_fields: ClassVar[tuple[str, ...]] = ()
 
   @abc.abstractmethod
   def init(self, x) -> Any:

@@ -22,7 +22,13 @@ class FakeQuantStateMixin:
   observer_flag = "observer_enabled"  # the learnable state observes under ``static_enabled``
 
   def _set(self, name: str, enabled):
-    return self.replace(**{name: jnp.asarray(enabled, jnp.bool_)})
+    """The flag ``name`` set to ``enabled`` everywhere, keeping its shape (a stack of layers has one
+    flag per layer), dtype and, for concrete flags, its sharding."""
+    flag = getattr(self, name)
+    new = jnp.full(jnp.shape(flag), enabled, jnp.bool_)
+    if isinstance(flag, jax.Array) and not isinstance(flag, jax.core.Tracer):
+      new = jax.device_put(new, flag.sharding)
+    return self.replace(**{name: new})
 
   def enable_observer(self, enabled=True):
     return self._set(self.observer_flag, enabled)

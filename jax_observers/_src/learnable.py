@@ -91,6 +91,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
   activation_post_process: Observer = dataclasses.field(init=False)
 
   eps = FLOAT32_EPS  # torch's eps buffer (finfo(float32).eps)
+  trainable_fields = ("scale", "zero_point")
 
   def __post_init__(self):
     obs = build_observer(self.observer, self.quant_min, self.quant_max, strict_order=True)

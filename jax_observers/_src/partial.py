@@ -111,3 +111,19 @@ class WithArgs:
   def with_callable_args(cls, **callables) -> PartialConfig:
     """A partial config whose ``callables`` are evaluated each time it constructs ``cls``."""
     return PartialConfig(cls, (), tuple(callables.items()))
+
+
+def resolve_config(config, *, arg: str = "observer"):
+  """A config instance from a config, a :class:`PartialConfig` (called once, as torch calls
+  ``qconfig.activation()``) or a config class (its defaults); a TypeError naming ``arg`` else."""
+  if isinstance(config, PartialConfig) or (
+    isinstance(config, type) and issubclass(config, WithArgs)
+  ):
+    config = config()
+  if not isinstance(config, WithArgs):
+    raise TypeError(
+      f"{arg}={config!r} is not a jax_observers config: pass an observer or fake-quant config "
+      "(jo.MinMaxObserver()), its class, or a with_args partial."
+    )
+  return config
+
