@@ -165,7 +165,9 @@ def calculate_qparams(model: nnx.Module) -> dict[str, Any]:
   for path, module in _modules(model):
     name = "/".join(map(str, path))
     try:
-      out[name] = stacked.calculate_qparams(module.config, module.current_state(), module.spec, name)
+      out[name] = stacked.calculate_qparams(
+        module.config, module.current_state(), module.spec, name
+      )
     except QParamsUnavailableError:
       continue
   return out

@@ -42,9 +42,7 @@ METHODS = (
   "unobserved",
 )
 
-UNOBSERVED_WARNING = (
-  "must run observer before calling calculate_qparams. Returning default values."
-)
+UNOBSERVED_WARNING = "must run observer before calling calculate_qparams. Returning default values."
 
 
 def register(cls: type) -> None:
@@ -60,9 +58,7 @@ def _traced(args, kwargs) -> bool:
 @functools.cache
 def _jitted(fn):
   """One ``jax.jit`` per method function; keyword-only arguments (``axis_name``) are static."""
-  static = [
-    p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY
-  ]
+  static = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
   return jax.jit(fn, static_argnames=static)
 
 

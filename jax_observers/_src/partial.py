@@ -126,4 +126,3 @@ def resolve_config(config, *, arg: str = "observer"):
       "(jo.MinMaxObserver()), its class, or a with_args partial."
     )
   return config
-

@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def bar(items: Iterable[T], label: str, *, total: int | None = None, width: int = 24) -> Iterator[T]:
+def bar(
+  items: Iterable[T], label: str, *, total: int | None = None, width: int = 24
+) -> Iterator[T]:
   """Yields ``items``, redrawing ``label [####....] i/n`` after each (``i`` alone without a length)."""
   if total is None:
     total = len(items) if hasattr(items, "__len__") else None

@@ -36,7 +36,8 @@ def trees_equal(a, b) -> bool:
   la, ta = jax.tree_util.tree_flatten(a)
   lb, tb = jax.tree_util.tree_flatten(b)
   return ta == tb and all(
-    np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb, strict=True)
+    np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+    for x, y in zip(la, lb, strict=True)
   )
 
 
