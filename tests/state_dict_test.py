@@ -71,7 +71,7 @@ def test_strict_loading_names_the_problem():
     jo.load_state_dict(obs, {**d, "histogram": np.zeros(3)})
   with pytest.raises(KeyError, match="missing"):
     jo.load_state_dict(obs, {"eps": d["eps"]})
-  with pytest.raises(ValueError, match=r"shape \(\)"):
+  with pytest.raises(ValueError, match=r"min_val.*expected shape \[\] or \[1\]"):
     jo.load_state_dict(obs, {**d, "min_val": np.zeros(3, np.float32)})
   with pytest.raises(ValueError, match="RecordingObserver"):
     jo.load_state_dict(jo.RecordingObserver(), {})

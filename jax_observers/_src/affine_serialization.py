@@ -22,16 +22,21 @@ def register_arrays(observer_cls: type, state_cls: type, fields: Sequence[str]) 
     return {name: np.array(getattr(state, name), np.float32) for name in fields}
 
   def from_dict(observer, d, *, strict: bool, example):
-    name = type(observer).__name__
     arrays = state_dict.take(d, fields, observer, strict)
-    values = {k: np.asarray(v, np.float32) for k, v in zip(fields, arrays, strict=True)}
+    values = {k: state_dict.checked(observer, k, v) for k, v in zip(fields, arrays, strict=True)}
+    for k, v in values.items():
+      if np.isnan(v).any():  # NaN never enters these states; a NaN value is a corrupt one.
+        state_dict.refuse(observer, k, v, "NaN, which no update of this observer produces")
+    if "min_val" in values and "max_val" in values:
+      values["min_val"], values["max_val"] = state_dict.running_range(
+        observer, values["min_val"], values["max_val"], strict=strict, shapes=None
+      )
     if example is not None:
       expected = observer.init(example)
       for k, v in values.items():
         if v.shape != np.shape(getattr(expected, k)):
-          raise ValueError(
-            f"{name} state_dict {k} has shape {v.shape}; inputs like the example need "
-            f"{np.shape(getattr(expected, k))}."
+          state_dict.refuse(
+            observer, k, v, f"inputs like the example need shape {np.shape(getattr(expected, k))}"
           )
     return state_cls(**values)
 

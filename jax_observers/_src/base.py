@@ -6,6 +6,8 @@ import abc
 import dataclasses
 import enum
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -100,12 +102,121 @@ def calculate_qmin_qmax(quant_min, quant_max, has_customized_qrange, dtype, redu
   return _INT_RANGES[dtype][1 if reduce_range else 0]
 
 
+def python_scalars(config) -> None:
+  """Replaces NumPy scalar fields of a frozen ``config`` (``np.float32(1e-3)``, ``np.int64(64)``) by
+  the Python numbers they hold (``.item()``: exact), as torch accepts them; NumPy bools are kept.
+
+  Configs hold Python values only (they hash and compare like the numbers they mean); call this at
+  the start of ``__post_init__``, before the fields are checked.
+  """
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name, None)
+    if isinstance(value, (np.integer, np.floating)) and not isinstance(value, np.bool_):
+      object.__setattr__(config, field.name, value.item())
+
+
+def _describe(value) -> str:
+  dtype = getattr(value, "dtype", None)
+  dtype = np.result_type(value) if dtype is None else np.dtype(dtype)
+  return f"{dtype.name}{list(np.shape(value))}"
+
+
+def describe_state(state) -> str:
+  """``MinMaxState(min_val float32[], max_val float32[])``: a state's kind, dtypes and shapes."""
+  if not dataclasses.is_dataclass(state):
+    return f"a {type(state).__name__}"
+  fields = ", ".join(
+    f"{f.name} {_describe(getattr(state, f.name))}"
+    for f in dataclasses.fields(state)
+    if not dataclasses.is_dataclass(getattr(state, f.name))
+  )
+  return f"{type(state).__name__}({fields})"
+
+
+def _fits(want: tuple, shape: tuple) -> bool:
+  return len(want) == len(shape) and all(w in (None, n) for w, n in zip(want, shape, strict=True))
+
+
+def check_state(observer, state, kind: type, method: str, fields: Mapping[str, tuple]) -> None:
+  """At trace time, a ValueError unless ``state`` is a ``kind`` with the given field shapes/dtypes.
+
+  Args:
+    observer: the config whose ``method`` (``'update'``, ``'calculate_qparams'``) got ``state``.
+    state: the state passed in (device or NumPy arrays, or tracers: only static facts are read).
+    kind: the state class ``observer.init`` returns.
+    method: named in the error.
+    fields: ``{name: (shapes, dtypes)}``; ``shapes`` a shape tuple or a list of allowed ones
+      (``None`` in a shape matches any size; ``shapes=None``: any shape), ``dtypes`` a dtype or a tuple of allowed ones (``None``: any).
+
+  Raises:
+    ValueError: naming the observer, the state expected and the state given.
+  """
+  name = type(observer).__name__
+
+  def fail(reason: str):
+    raise ValueError(
+      f"{name}.{method} got {describe_state(state)}: {reason}. Build the state with "
+      f"{name}.init(x) or load it with jo.load_state_dict({name}(...), d)."
+    )
+
+  if not isinstance(state, kind):
+    fail(f"it expects a {kind.__name__}")
+  for field, (shapes, dtypes) in fields.items():
+    value = getattr(state, field)
+    shape = tuple(np.shape(value))
+    allowed = [tuple(s) for s in shapes] if isinstance(shapes, list) else [tuple(shapes or ())]
+    if shapes is not None and not any(_fits(want, shape) for want in allowed):
+      wanted = " or ".join(str(["C" if n is None else n for n in s]) for s in allowed)
+      fail(f"{field} must have shape {wanted}")
+    if dtypes is not None:
+      dtypes = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, tuple) else (dtypes,)))
+      got = getattr(value, "dtype", None)
+      got = np.result_type(value) if got is None else np.dtype(got)
+      if got not in dtypes:
+        fail(f"{field} must be {' or '.join(d.name for d in dtypes)}")
+
+
+DEGENERATE_WARNING = (
+  "calculate_qparams got a degenerate range (min_val > max_val, NaN, or a channel that saw no "
+  "value while others did); those entries get the default scale=1.0, zero_point=0."
+)
+
+
+def valid_range(min_val, max_val) -> jax.Array:
+  """True where ``[min_val, max_val]`` is an observed range (``min_val <= max_val``, no NaN)."""
+  return jnp.asarray(min_val) <= jnp.asarray(max_val)
+
+
+def degenerate_range(min_val, max_val) -> jax.Array:
+  """True when some entry is not a valid range while the state is not fresh everywhere.
+
+  A fresh state, ``(+inf, -inf)`` everywhere, is torch's "never observed" (a warning, then the
+  default); anything else that is not ``min_val <= max_val`` is what torch asserts on.
+  """
+  min_val, max_val = jnp.asarray(min_val), jnp.asarray(max_val)
+  fresh = jnp.all((min_val == jnp.inf) & (max_val == -jnp.inf))
+  return ~fresh & jnp.any(~valid_range(min_val, max_val))
+
+
+def warn_if_degenerate(config, state) -> None:
+  """Eagerly (concrete ``state``), :data:`DEGENERATE_WARNING` when ``config.degenerate(state)``."""
+  leaves = jax.tree_util.tree_leaves(state)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return
+  flag = config.degenerate(state)
+  if flag is not None and bool(flag):
+    warnings.warn(DEGENERATE_WARNING, UserWarning, stacklevel=3)
+
+
 class Observer(WithArgs, abc.ABC):
   """The observer protocol: a frozen config with pure ``init``, ``update``, ``calculate_qparams``.
 
   Subclasses are ``@dataclasses.dataclass(frozen=True, kw_only=True)``; their fields carry torch's
   argument names and defaults and hold Python values only, so configs hash and can be jit statics.
   """
+
+  # State fields that are trainable parameters (none for observers; LSQ's scale and zero_point).
+  trainable_fields: ClassVar[tuple[str, ...]] = ()
 
   @abc.abstractmethod
   def init(self, x) -> Any:
@@ -125,6 +236,15 @@ class Observer(WithArgs, abc.ABC):
 
     None for observers without that notion. Eager ``calculate_qparams`` warns as torch does when
     this is True ("must run observer before calling calculate_qparams").
+    """
+    return None
+
+  def degenerate(self, state) -> jax.Array | None:
+    """True when ``state`` holds a range torch's ``calculate_qparams`` asserts on.
+
+    An inverted or NaN range, or a channel that saw nothing while others did: ``calculate_qparams``
+    gives those entries the default ``(1.0, 0)`` (a defined result under ``jit``) and, called
+    eagerly, warns with :data:`DEGENERATE_WARNING`. None for observers without ranges.
     """
     return None
 
@@ -167,6 +287,7 @@ class UniformObserver(Observer):
   allowed_qschemes: ClassVar[tuple[QScheme, ...]] = tuple(QScheme)
 
   def __post_init__(self):
+    python_scalars(self)
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype, allowed=UNIFORM_DTYPES))
     names = ", ".join(q.value for q in self.allowed_qschemes)
     if not isinstance(self.qscheme, QScheme):
@@ -194,6 +315,10 @@ class UniformObserver(Observer):
   def unobserved(self, state) -> jax.Array:
     """True when the running range is still (+inf, -inf) everywhere (torch's check)."""
     return jnp.all(state.min_val == jnp.inf) & jnp.all(state.max_val == -jnp.inf)
+
+  def degenerate(self, state) -> jax.Array:
+    """See :meth:`Observer.degenerate`: the running range read from ``state.min_val/max_val``."""
+    return degenerate_range(state.min_val, state.max_val)
 
   def fake_quantize(self, x, qparams: QParams) -> jax.Array:
     """torch's ``fake_quantize_per_{tensor,channel}_affine`` with this observer's range."""

@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jax_observers._src import fake_quant_numerics as fqn
 from jax_observers._src import numerics
@@ -149,7 +150,7 @@ def dequantize_codes(codes, scale, zero_point, dtype=np.float32) -> jax.Array:
   return numerics.rounded(y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _fake_quant(x, scale, zero_point, spec):
   return _fake_quant_fwd(x, scale, zero_point, spec)[0]
 
@@ -170,17 +171,23 @@ def _fake_quant_fwd(x, scale, zero_point, spec):
 def times_mask(g, mask) -> jax.Array:
   """torch's ``dY * mask``: ``g`` where the mask is set, else ``g * 0.0`` (-0.0, or NaN for NaN/inf).
 
-  Written out because XLA turns a multiply by a converted predicate into a select (+0.0).
+  A multiply by the mask as a float, which XLA would turn into a select (+0.0) if it could see the
+  factor is a converted predicate; the barrier hides that. Linear in ``g``, so it is its own
+  transpose: forward mode (``jax.jvp``) and reverse mode (``jax.grad``) get the same numbers.
   """
-  zero = jnp.where(jnp.isfinite(g), jnp.copysign(jnp.zeros_like(g), g), jnp.full_like(g, jnp.nan))
-  return jnp.where(mask, g, zero)
+  return g * lax.optimization_barrier(mask.astype(g.dtype))
 
 
-def _fake_quant_bwd(spec, mask, g):
-  return times_mask(g, mask), None, None
+@_fake_quant.defjvp
+def _fake_quant_jvp(spec, primals, tangents):
+  """The straight-through estimator, ``dy = dx * mask``, as a JVP: JAX transposes it for ``grad``.
 
-
-_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+  ``scale`` and ``zero_point`` get no derivative (zero cotangents; torch raises if they require
+  grad): use :mod:`learnable_ops` to learn them.
+  """
+  x, scale, zero_point = primals
+  y, mask = _fake_quant_fwd(x, scale, zero_point, spec)
+  return y, times_mask(tangents[0].astype(y.dtype), mask)
 
 
 def per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn: str):

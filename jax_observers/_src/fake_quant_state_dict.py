@@ -26,7 +26,7 @@ from jax_observers._src.fake_quant_state import FakeQuantizeState, LearnableFake
 PREFIX = "activation_post_process."
 
 
-def _flag(value, dtype=np.uint8) -> np.ndarray:
+def _flag_array(value, dtype=np.uint8) -> np.ndarray:
   return np.array([int(bool(value))], dtype)
 
 
@@ -34,7 +34,7 @@ def _split(fq, d: dict, own: tuple[str, ...], strict: bool):
   """``(own values, child dict)``; a missing own key is a KeyError, an unknown one (strict) a ValueError."""
   child = {k[len(PREFIX) :]: v for k, v in d.items() if k.startswith(PREFIX)}
   mine = {k: v for k, v in d.items() if not k.startswith(PREFIX)}
-  return [np.asarray(v) for v in state_dict_lib.take(mine, own, fq, strict)], child
+  return state_dict_lib.take(mine, own, fq, strict), child
 
 
 def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):
@@ -55,19 +55,27 @@ def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):
   return jax.tree_util.tree_map(jnp.asarray, state), channels
 
 
-def _qparam(fq, name, value, channels, per_channel: bool, dtype) -> jax.Array:
-  value = np.asarray(value).reshape(-1)
+def _qparam(fq, name, value, channels, per_channel: bool, dtype, strict: bool) -> jax.Array:
+  """``scale``/``zero_point`` validated (:func:`state_dict.checked`) and shaped for the state."""
+  integer = jnp.issubdtype(dtype, jnp.integer)
+  value = state_dict_lib.checked(fq, name, value, kind="int" if integer else "float")
+  if strict and not integer and np.isnan(value).any():
+    state_dict_lib.refuse(fq, name, value, "NaN (the module saw NaN data); pass strict=False")
+  value = value.reshape(-1)
   if not per_channel:
     if value.size != 1:
-      raise ValueError(
-        f"{type(fq).__name__} is per tensor; state_dict {name} has shape {value.shape}."
-      )
+      state_dict_lib.refuse(fq, name, value, "expected one value: the module is per tensor")
     return jnp.asarray(value.reshape(()), dtype)
   if value.size not in (1, channels):
-    raise ValueError(
-      f"{type(fq).__name__} state_dict {name} has {value.size} values for {channels} channels."
-    )
+    state_dict_lib.refuse(fq, name, value, f"expected 1 or {channels} values, one per channel")
   return jnp.asarray(np.broadcast_to(value, (channels,)), dtype)
+
+
+def _flag(fq, name, value, nonzero: bool = False) -> jax.Array:
+  """torch's test of a flag buffer: ``flag[0] == 1`` (``FakeQuantize``) or ``!= 0`` (fused)."""
+  value = state_dict_lib.checked(fq, name, value, kind="flag")
+  first = value.reshape(-1)[0]
+  return jnp.asarray(bool(first != 0) if nonzero else bool(first == 1))
 
 
 def _channels(fq, scale, observed, example) -> int:
@@ -88,8 +96,8 @@ def _child_dict(fq, state) -> dict[str, np.ndarray]:
 
 def fake_quantize_to_dict(fq, state) -> dict[str, np.ndarray]:
   return {
-    "fake_quant_enabled": _flag(state.fake_quant_enabled, fq.torch_flag_dtype),
-    "observer_enabled": _flag(state.observer_enabled, fq.torch_flag_dtype),
+    "fake_quant_enabled": _flag_array(state.fake_quant_enabled, fq.torch_flag_dtype),
+    "observer_enabled": _flag_array(state.observer_enabled, fq.torch_flag_dtype),
     "scale": np.array(state.scale, np.float32).reshape(-1),
     "zero_point": np.array(state.zero_point, fq.zero_point_dtype()).reshape(-1),
     **_child_dict(fq, state),
@@ -101,16 +109,14 @@ def fake_quantize_from_dict(fq, d, *, strict, example):
   (fake_quant, observer, scale, zero_point), child = _split(fq, d, own, strict)
   obs_state, observed = _observer_state(fq, child, strict, example, fq.is_per_channel)
   channels = _channels(fq, scale, observed, example)
-  if fq.torch_flag_dtype == np.int64:  # the fused kernel tests `if (flag.item().toInt())`
-    on = lambda v: bool(v.reshape(-1)[0] != 0)
-  else:  # FakeQuantize tests `flag[0] == 1`
-    on = lambda v: bool(v.reshape(-1)[0] == 1)
+  nonzero = fq.torch_flag_dtype == np.int64  # the fused kernel tests `if (flag.item().toInt())`
   per_channel = fq.is_per_channel
+  zp_dtype = fq.zero_point_dtype()
   return FakeQuantizeState(
-    fake_quant_enabled=jnp.asarray(on(fake_quant)),
-    observer_enabled=jnp.asarray(on(observer)),
-    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32),
-    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, fq.zero_point_dtype()),
+    fake_quant_enabled=_flag(fq, "fake_quant_enabled", fake_quant, nonzero),
+    observer_enabled=_flag(fq, "observer_enabled", observer, nonzero),
+    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32, strict),
+    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, zp_dtype, strict),
     activation_post_process=obs_state,
   )
 
@@ -130,10 +136,10 @@ def learnable_to_dict(fq, state) -> dict[str, np.ndarray]:
   return {
     "scale": np.array(state.scale, np.float32).reshape(-1),
     "zero_point": np.array(state.zero_point, np.float32).reshape(-1),
-    "fake_quant_enabled": _flag(state.fake_quant_enabled),
-    "observer_enabled": _flag(True),
-    "static_enabled": _flag(state.static_enabled),
-    "learning_enabled": _flag(state.learning_enabled),
+    "fake_quant_enabled": _flag_array(state.fake_quant_enabled),
+    "observer_enabled": _flag_array(True),
+    "static_enabled": _flag_array(state.static_enabled),
+    "learning_enabled": _flag_array(state.learning_enabled),
     "eps": np.array([fq.eps], np.float32),
     **_child_dict(fq, state),
   }
@@ -141,18 +147,17 @@ def learnable_to_dict(fq, state) -> dict[str, np.ndarray]:
 
 def learnable_from_dict(fq, d, *, strict, example):
   values, child = _split(fq, d, _LEARNABLE_KEYS, strict)
-  scale, zero_point, fake_quant, _, static, learning, eps = values
-  if strict and np.float32(eps.reshape(-1)[0]) != np.float32(fq.eps):
-    raise ValueError(f"state_dict eps={float(eps.reshape(-1)[0])!r} differs from {fq.eps!r}.")
+  scale, zero_point, fake_quant, observer, static, learning, eps = values
+  state_dict_lib.check_eps(eps, fq, strict)
+  _flag(fq, "observer_enabled", observer)  # validated; torch does not use it
   per_channel = fq.qscheme.is_per_channel
   obs_state, observed = _observer_state(fq, child, strict, example, per_channel)
   channels = _channels(fq, scale, observed, example)
-  on = lambda v: jnp.asarray(bool(v.reshape(-1)[0] == 1))
   return LearnableFakeQuantizeState(
-    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32),
-    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, jnp.float32),
-    fake_quant_enabled=on(fake_quant),
-    static_enabled=on(static),
-    learning_enabled=on(learning),
+    scale=_qparam(fq, "scale", scale, channels, per_channel, jnp.float32, strict),
+    zero_point=_qparam(fq, "zero_point", zero_point, channels, per_channel, jnp.float32, strict),
+    fake_quant_enabled=_flag(fq, "fake_quant_enabled", fake_quant),
+    static_enabled=_flag(fq, "static_enabled", static),
+    learning_enabled=_flag(fq, "learning_enabled", learning),
     activation_post_process=obs_state,
   )

@@ -15,7 +15,9 @@ from jax_observers._src.base import (
   QParams,
   QScheme,
   canonical_dtype,
+  check_state,
   per_tensor_affine,
+  python_scalars,
 )
 from jax_observers._src.readable import ReadableRepr
 
@@ -48,6 +50,7 @@ class FixedQParamsObserver(Observer):
   is_dynamic: bool = False
 
   def __post_init__(self):
+    python_scalars(self)
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
     if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
       raise ValueError(f"scale={self.scale!r} must be a finite number.")
@@ -71,4 +74,6 @@ class FixedQParamsObserver(Observer):
     return state
 
   def calculate_qparams(self, state: FixedQParamsState) -> QParams:
+    fields = {"scale": ((), jnp.float32), "zero_point": ((), jnp.int32)}
+    check_state(self, state, FixedQParamsState, "calculate_qparams", fields)
     return QParams(scale=state.scale, zero_point=state.zero_point)

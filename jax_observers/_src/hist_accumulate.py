@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from jax_observers._src import hist_pow2
+from jax_observers._src import base, hist_pow2
 from jax_observers._src import histogram_numerics as hn
 from jax_observers._src.reduce import SMALL, batch_min_max
 
@@ -48,11 +48,45 @@ class HistogramState(struct.PyTreeNode):
 
 
 def fresh_state(shape: tuple[int, ...], bins: int, range_policy: str) -> HistogramState:
-  dtype = jnp.int32 if range_policy == "pow2" else jnp.float32
   return HistogramState(
-    histogram=jnp.zeros((*shape, bins), dtype),
+    histogram=jnp.zeros((*shape, bins), count_dtype(range_policy)),
     min_val=jnp.full(shape, jnp.inf, jnp.float32),
     max_val=jnp.full(shape, -jnp.inf, jnp.float32),
+  )
+
+
+def count_dtype(range_policy: str) -> jnp.dtype:
+  """The histogram dtype of a policy: what a state carries to say which grid its counts are on."""
+  return jnp.dtype(jnp.int32 if range_policy == "pow2" else jnp.float32)
+
+
+def check_state(observer, state, method: str, channels: tuple[int, ...], range_policy: str) -> None:
+  """At trace time: ``state`` is a :class:`HistogramState` of ``observer``'s bins, channels and policy.
+
+  The counts' dtype is the grid's identity (float32: torch's evenly spaced bins, int32: the pow2
+  grid), so a state of the other policy is a ValueError naming both policies, not a silent mix.
+  """
+  name = type(observer).__name__
+  hist = getattr(state, "histogram", None)
+  if isinstance(state, HistogramState) and hist is not None:
+    got = jnp.dtype(getattr(hist, "dtype", jnp.result_type(hist)))
+    if got != count_dtype(range_policy) and got in (jnp.int32, jnp.float32):
+      other = "pow2" if got == jnp.int32 else "torch"
+      raise ValueError(
+        f"{name}(range_policy={range_policy!r}).{method} got a range_policy={other!r} histogram "
+        f"({got.name} counts): the two grids differ; build the state with this observer's init(x)."
+      )
+  bins = observer.bins
+  base.check_state(
+    observer,
+    state,
+    HistogramState,
+    method,
+    {
+      "histogram": ((*channels, bins), count_dtype(range_policy)),
+      "min_val": (channels, jnp.float32),
+      "max_val": (channels, jnp.float32),
+    },
   )
 
 
@@ -86,6 +120,11 @@ def accumulate(
   """``state`` after observing float ``x`` (channels along ``ch_axis``; None: one histogram)."""
   x = lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32)
   bins = state.histogram.shape[-1]
+  if jnp.dtype(state.histogram.dtype) != count_dtype(range_policy):
+    raise ValueError(
+      f"range_policy={range_policy!r} keeps {count_dtype(range_policy).name} counts; got a "
+      f"{jnp.dtype(state.histogram.dtype).name} histogram (the other policy's grid)."
+    )
   if ch_axis is None:
     lo, hi = batch_min_max(x, None, ignore_nonfinite=True, axis_name=axis_name)
   else:

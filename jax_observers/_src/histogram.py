@@ -34,6 +34,7 @@ from jax_observers._src.base import (
   check_float_input,
   per_tensor_affine,
   per_tensor_symmetric,
+  python_scalars,
 )
 from jax_observers._src.hist_accumulate import HistogramState
 
@@ -41,7 +42,11 @@ _BITS = {"int8": 8, "uint8": 8, "uint4": 8, "int16": 16, "uint16": 16, "int32": 
 
 
 def check_histogram_config(obs) -> None:
-  """Shared checks of ``bins``, ``upsample_rate``, ``range_policy`` (ValueErrors naming them)."""
+  """Shared checks of ``bins``, ``upsample_rate``, ``range_policy`` (ValueErrors naming them).
+
+  NumPy integers (``np.int64(64)``) are taken as the Python ints they hold.
+  """
+  python_scalars(obs)
   if isinstance(obs.bins, bool) or not isinstance(obs.bins, int) or obs.bins < 1:
     raise ValueError(f"bins={obs.bins!r} must be a positive int.")
   if obs.range_policy not in hist_accumulate.RANGE_POLICIES:
@@ -117,11 +122,7 @@ class HistogramObserver(UniformObserver):
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
     x = check_float_input(x, self)
-    if jnp.shape(state.histogram) != (self.bins,):
-      raise ValueError(
-        f"HistogramObserver(bins={self.bins}) got a histogram of shape "
-        f"{jnp.shape(state.histogram)}; build the state with init(x)."
-      )
+    self.check_state(state, "update")
     if x.size == 0:
       return state
     return hist_accumulate.accumulate(
@@ -134,8 +135,13 @@ class HistogramObserver(UniformObserver):
       axis_name=axis_name,
     )
 
+  def check_state(self, state: HistogramState, method: str) -> None:
+    """At trace time: ``state`` is a ``bins``-bin histogram of this ``range_policy``."""
+    hist_accumulate.check_state(self, state, method, (), self.range_policy)
+
   def search_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
     """The clipping range ``(new_min, new_max)`` of torch's ``_non_linear_param_search``."""
+    self.check_state(state, "search_range")
     if self.range_policy == "torch":
       lo, hi = state.min_val, state.max_val
     else:
@@ -149,6 +155,7 @@ class HistogramObserver(UniformObserver):
 
   def calculate_qparams(self, state: HistogramState) -> QParams:
     """torch's ``calculate_qparams``: ``(1.0, 0)`` before any data, else the searched range's."""
+    self.check_state(state, "calculate_qparams")
     new_min, new_max = self.search_range(state)
     return qparams.calculate_qparams(new_min, new_max, self)
 
@@ -157,32 +164,94 @@ default_histogram_observer = HistogramObserver.with_args(quant_min=0, quant_max=
 
 
 def _to_dict(observer, state) -> dict[str, np.ndarray]:
+  # The histogram keeps its dtype: float32 for torch's evenly spaced bins, int32 for the pow2 grid,
+  # so a state dict says which grid its counts are on.
   return {
     "eps": np.array([observer.eps], np.float32),
-    "histogram": np.array(state.histogram, np.float32),
-    "min_val": np.array(state.min_val, np.float32).reshape(()),
-    "max_val": np.array(state.max_val, np.float32).reshape(()),
+    "histogram": np.array(state.histogram),
+    "min_val": np.array(state.min_val, np.float32),
+    "max_val": np.array(state.max_val, np.float32),
   }
 
 
-def _from_dict(observer, d, *, strict, example):
+def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str = "signed"):
+  """A :class:`HistogramState` from ``d``, validated (the loader of every histogram observer).
+
+  Args:
+    observer: a config with ``bins``, ``range_policy`` and ``eps``.
+    d: NumPy values keyed ``eps``, ``histogram``, ``min_val``, ``max_val``.
+    strict: as :func:`jo.load_state_dict`.
+    channels: True for ``[C, bins]`` histograms (``ch_axis`` set), False for ``[bins]``.
+    mode: what the histogram holds (``'signed'``, ``'symmetric'``, ``'absolute'``).
+
+  Refuses, naming the key and value: a histogram of the other range policy (float32 counts are
+  torch's evenly spaced bins, int32 ones the power-of-two grid), negative, NaN, infinite or (pow2)
+  fractional counts, counts on a never-observed range or (pow2) outside the grid of the range,
+  and, under ``strict``, NaN or inverted ranges (``strict=False`` loads them as never observed).
+  """
   keys = ("eps", "histogram", "min_val", "max_val")
-  eps, _, _, _ = state_dict_lib.take(d, keys, observer, strict)
+  eps, hist, min_val, max_val = state_dict_lib.take(d, keys, observer, strict)
   state_dict_lib.check_eps(eps, observer, strict)
-  hist = np.asarray(d["histogram"], np.float32)
-  if hist.shape != (observer.bins,):
-    raise ValueError(f"histogram has shape {hist.shape}; the observer has bins={observer.bins}.")
-  if observer.range_policy == "pow2":
-    hist = hist.astype(np.int32)
-  bounds = []
-  for name, empty in (("min_val", np.inf), ("max_val", -np.inf)):
-    value = np.asarray(d[name], np.float32)
-    if value.shape == (0,):  # torch's pre-v3 never-observed buffers
-      value = np.float32(empty)
-    if value.size != 1:
-      raise ValueError(f"HistogramObserver expects a scalar {name}, got shape {value.shape}.")
-    bounds.append(value.reshape(()))
-  return HistogramState(histogram=hist, min_val=bounds[0], max_val=bounds[1])
+  bins, policy = observer.bins, observer.range_policy
+  pow2 = policy == "pow2"
+  if hist.ndim != (2 if channels else 1) or hist.shape[-1] != bins:
+    want = "[C, bins]" if channels else "[bins]"
+    state_dict_lib.refuse(observer, "histogram", hist, f"expected shape {want} with bins={bins}")
+  integer = np.issubdtype(hist.dtype, np.integer)
+  if integer != pow2:
+    got = "range_policy='pow2' grid" if integer else "range_policy='torch' (torch's) bins"
+    state_dict_lib.refuse(
+      observer,
+      "histogram",
+      hist,
+      f"its {hist.dtype.name} counts are on a {got}, but this observer has "
+      f"range_policy={policy!r}, whose counts are {'int32' if pow2 else 'float32'}; the bins "
+      "cannot be converted exactly",
+    )
+  kind = "count" if pow2 else "float"
+  hist = state_dict_lib.checked(
+    observer, "histogram", hist, kind=kind, finite=True, nonnegative=True
+  )
+  shape = hist.shape[:-1]
+  shapes = [shape] if channels else [(), (1,), (0,)]
+  if not channels:  # torch's pre-v3 never-observed buffers are empty
+    min_val = np.full((), np.inf, np.float32) if min_val.shape == (0,) else min_val
+    max_val = np.full((), -np.inf, np.float32) if max_val.shape == (0,) else max_val
+  lo, hi = state_dict_lib.running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
+  lo, hi = lo.reshape(shape), hi.reshape(shape)
+  fresh = ~(lo <= hi)
+  if np.any(fresh & np.any(hist != 0, axis=-1)):
+    state_dict_lib.refuse(observer, "histogram", hist, "counts on a range that observed nothing")
+  if pow2:
+    _check_pow2_grid(observer, hist, lo, hi, mode)
+  return HistogramState(histogram=hist, min_val=lo, max_val=hi)
+
+
+def _check_pow2_grid(observer, hist, lo, hi, mode):
+  """Refuses counts that lie outside the bins ``[min_val, max_val]`` covers on the pow2 grid."""
+  bins = hist.shape[-1]
+  g, o = hist_pow2.grid(jnp.asarray(lo), jnp.asarray(hi), bins, mode)
+  seen = jnp.asarray(lo <= hi)
+  if mode == "absolute":
+    first = jnp.zeros(g.shape, jnp.int32)
+    last = hist_pow2.positions(jnp.maximum(-lo, hi), seen, g, o, bins)
+  else:
+    first = hist_pow2.positions(jnp.asarray(lo), seen, g, o, bins)
+    last = hist_pow2.positions(jnp.asarray(hi), seen, g, o, bins)
+  j = np.arange(bins)
+  outside = (j < np.asarray(first)[..., None]) | (j > np.asarray(last)[..., None])
+  if np.any(outside & (hist != 0)):
+    state_dict_lib.refuse(
+      observer,
+      "histogram",
+      hist,
+      "counts outside the power-of-two grid bins of [min_val, max_val]: not a range_policy='pow2' "
+      "histogram of this range",
+    )
+
+
+def _from_dict(observer, d, *, strict, example):
+  return histogram_from_dict(observer, d, strict=strict, channels=False)
 
 
 state_dict_lib.register(HistogramObserver, _to_dict, _from_dict)

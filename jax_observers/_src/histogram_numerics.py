@@ -131,7 +131,8 @@ def upscale(
   """
   bins = hist.shape[-1]
   fine = bins * upsample_rate
-  weights = jnp.repeat(hist, upsample_rate) / np.float32(upsample_rate)
+  # An exact division: XLA would multiply by the rounded 1/3 (47.000004 where torch has 47.0).
+  weights = numerics.exact_div(jnp.repeat(hist, upsample_rate), np.float32(upsample_rate))
   sub_width = numerics.exact_div(orig_max - orig_min, np.float32(fine))
   mids = linspace(orig_min, orig_max, fine + 1)[:-1] + np.float32(0.5) * sub_width
   bounds = linspace(new_min, new_max, bins + 1)

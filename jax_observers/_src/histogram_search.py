@@ -213,8 +213,12 @@ def l2_search(
 
 
 def _edges(min_val, max_val, bins, start, end):
-  width = (max_val - min_val) / _F32(bins)
-  return min_val + width * _F32(start), min_val + width * _F32(end + 1)
+  """torch's ``min_val + bin_width * bin`` in float32. A range wider than float32's max has an
+  infinite width: bin 0 then stays at ``min_val`` (torch's ``inf * 0`` would be NaN)."""
+  with np.errstate(over="ignore", invalid="ignore"):
+    width = (max_val - min_val) / _F32(bins)
+    lo = min_val if start == 0 else min_val + width * _F32(start)
+    return lo, min_val + width * _F32(end + 1)
 
 
 def _host_search(packed: np.ndarray, *, dst_nbins: int) -> np.ndarray:

@@ -34,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jax_observers._src import fake_quant_numerics as fqn
 from jax_observers._src import fake_quant_ops as ops
@@ -67,8 +69,13 @@ def _zero_points(zero_point, quant_min, quant_max, per_channel: bool, consistent
   return forward.astype(jnp.int32), backward
 
 
-def _element_grads(x, dy, scale, z_b, quant_min, quant_max, grad_factor, per_channel):
-  """torch's per-element ``(dx, dscale, dzero_point)``; ``scale``/``z_b`` broadcast against ``x``."""
+def _coefficients(x, scale, z_b, quant_min, quant_max, grad_factor, per_channel):
+  """Per-element factors of torch's backward, ``scale``/``z_b`` broadcast against ``x``:
+
+  ``dx = dy * mask``, ``dscale = ((dy * k2) * k1) * g`` (inside: ``k2 = fma(q - z_b, s, -x)``,
+  ``k1 = 1/s``; outside: ``k2 = q_{min|max} - z_b``, ``k1 = 1``) and ``dzero = ((-dy) * s) * g``
+  outside the range, 0 inside: each product rounded as torch rounds it.
+  """
   inv = ops._inverse(scale)
   q_f = jnp.round(fqn.fma(x, inv, z_b))
   codes = ops._clip_codes(q_f, quant_min, quant_max)
@@ -83,12 +90,22 @@ def _element_grads(x, dy, scale, z_b, quant_min, quant_max, grad_factor, per_cha
     diff = fqn.int_sub_to_float32(codes, z_int)
     small = fqn.int_sub_to_float32(np.int32(quant_min), z_int)
     big = fqn.int_sub_to_float32(np.int32(quant_max), z_int)
+  shape = x.shape
+  k2 = jnp.where(
+    inside, fqn.fma(diff, scale, -x), jnp.broadcast_to(jnp.where(below, small, big), shape)
+  )
+  k1 = jnp.where(inside, jnp.broadcast_to(inv, shape), np.float32(1.0))
+  s = jnp.where(inside, np.float32(1.0), jnp.broadcast_to(scale, shape))
+  return inside, lax.optimization_barrier((k2, k1, s))
+
+
+def _element_grads(x, dy, scale, z_b, quant_min, quant_max, grad_factor, per_channel):
+  """torch's per-element ``(dx, dscale, dzero_point)``; ``scale``/``z_b`` broadcast against ``x``."""
+  inside, (k2, k1, s) = _coefficients(x, scale, z_b, quant_min, quant_max, grad_factor, per_channel)
   g = np.float32(grad_factor)
   dx = ops.times_mask(dy, inside)
-  ds_inside = ((dy * fqn.fma(diff, scale, -x)) * inv) * g
-  ds_outside = (dy * jnp.where(below, small, big)) * g
-  dscale = jnp.where(inside, ds_inside, ds_outside)
-  dzero = jnp.where(inside, jnp.zeros_like(dy), ((-dy) * scale) * g)
+  dscale = ((dy * k2) * k1) * g
+  dzero = jnp.where(inside, jnp.zeros_like(dy), ((-dy) * s) * g)
   return dx, dscale, dzero
 
 
@@ -98,9 +115,9 @@ def _sum(values, axes):
   return jnp.where(total == 0, jnp.zeros_like(total), total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _learnable(x, scale, zero_point, spec):
-  return _learnable_fwd(x, scale, zero_point, spec)[0]
+  return _learnable_fwd(x, scale, zero_point, spec)
 
 
 def _learnable_fwd(x, scale, zero_point, spec):
@@ -113,30 +130,48 @@ def _learnable_fwd(x, scale, zero_point, spec):
   if not per_channel:
     z_fwd = z_fwd.reshape(())
   shape = ops._channel_shape(x, axis) if per_channel else ()
-  y = ops._fake_quant_fwd(x, s.reshape(shape), z_fwd.reshape(shape), (axis, quant_min, quant_max))[
-    0
-  ]
-  return y, (x, scale, zero_point)
+  spec3 = (axis, quant_min, quant_max)
+  return ops._fake_quant_fwd(x, s.reshape(shape), z_fwd.reshape(shape), spec3)[0]
 
 
-def _learnable_bwd(spec, residuals, dy):
+def _learnable_jvp(spec, primals, tangents):
+  r"""torch's LSQ backward written as a JVP whose transpose (``jax.grad``) is that backward.
+
+  With :math:`\dot x, \dot s, \dot z` the tangents (broadcast along the channels),
+  :math:`\dot y = \dot x\,m + ((\dot s\, g)\, k_1)\, k_2 - (([\text{outside}]\,\dot z\, g)\, s)`;
+  JAX transposes each chain of products in reverse order, so the cotangent of ``scale`` is
+  :math:`\sum ((\delta\, k_2)\, k_1)\, g`, torch's rounding per element (:func:`_coefficients`).
+  Symbolic-zero tangents are skipped (an inf ``x`` must not make ``0 * k_2`` NaN).
+  """
   axis, quant_min, quant_max, grad_factor, consistent = spec
-  x, scale, zero_point = residuals
+  x, scale, zero_point = primals
+  x_t, s_t, z_t = (None if type(t) is SymbolicZero else t for t in tangents)
+  y = _learnable_fwd(x, scale, zero_point, spec)
   per_channel = axis is not None
   _, z_b = _zero_points(zero_point, quant_min, quant_max, per_channel, consistent)
   shape = ops._channel_shape(x, axis) if per_channel else ()
   s = scale.astype(jnp.float32).reshape(shape)
-  dx, ds, dz = _element_grads(
-      x.astype(jnp.float32), dy.astype(jnp.float32), s, z_b.reshape(shape),
-      quant_min, quant_max, grad_factor, per_channel,
-  )  # fmt: skip
-  axes = tuple(i for i in range(x.ndim) if i != axis) if per_channel else None
-  dscale = _sum(ds, axes).reshape(scale.shape).astype(scale.dtype)
-  dzero = _sum(dz, axes).reshape(zero_point.shape).astype(zero_point.dtype)
-  return dx.astype(x.dtype), dscale, dzero
+  xf = x.astype(jnp.float32)
+  inside, (k2, k1, s_out) = _coefficients(
+    xf, s, z_b.reshape(shape), quant_min, quant_max, grad_factor, per_channel
+  )
+  g = np.float32(grad_factor)
+  wide = lambda t: jnp.broadcast_to(t.astype(jnp.float32).reshape(shape), x.shape)
+  dy = jnp.zeros(x.shape, jnp.float32)
+  if x_t is not None:
+    dy = ops.times_mask(x_t.astype(jnp.float32), inside)
+  if s_t is not None:
+    # Zero terms first become +0.0 (the select's transpose is last): torch's sums start from +0.0.
+    terms = jnp.where(k2 == 0, jnp.zeros(x.shape, jnp.float32), wide(s_t))
+    dy = dy + ((terms * g) * k1) * k2
+  if z_t is not None:
+    # The select comes first, so its transpose comes last: +0.0 inside, as torch's zeros.
+    outside = jnp.where(inside, jnp.zeros(x.shape, jnp.float32), wide(z_t))
+    dy = dy + ((outside * g) * s_out) * np.float32(-1.0)
+  return y, dy.astype(x.dtype)
 
 
-_learnable.defvjp(_learnable_fwd, _learnable_bwd)
+_learnable.defjvp(_learnable_jvp, symbolic_zeros=True)
 
 
 def fake_quantize_learnable_per_tensor_affine(

@@ -24,6 +24,7 @@ from jax_observers._src.base import (
   QParams,
   UniformObserver,
   check_float_input,
+  check_state,
   per_tensor_affine,
   per_tensor_symmetric,
 )
@@ -45,7 +46,9 @@ def fresh_state(shape) -> MinMaxState:
 
 
 def check_averaging_constant(c):
-  """``c`` if it is a number in [0, 1], else a ValueError naming it."""
+  """``c`` (a Python or NumPy number) as a Python number in [0, 1], else a ValueError naming it."""
+  if isinstance(c, (np.integer, np.floating)):
+    c = c.item()
   if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
     raise ValueError(f"averaging_constant={c!r} must be a number in [0, 1].")
   return c
@@ -54,19 +57,32 @@ def check_averaging_constant(c):
 def moving_average(state: MinMaxState, lo, hi, averaging_constant: float) -> MinMaxState:
   r"""``m + c * (x - m)`` per element, torch's rounding; a batch with no values changes nothing.
 
-  A running value that is not finite (fresh, or after an inf batch) is replaced by the batch value,
-  as torch's fused kernel does; torch's Python observer would turn it into NaN forever.
+  The step never leaves a valid range (the rule for degenerate states, README "Non-finite inputs"):
+
+  * a running value that is not finite (fresh, or after an inf batch) is replaced by the batch
+    value, as torch's fused kernel does (torch's Python observer would turn it into NaN forever);
+  * a step that would be NaN (``c = 0`` and an infinite batch value: ``0 * inf``) keeps the running
+    value, the limit of the exact arithmetic (torch: NaN);
+  * a step that would invert the range (``min_val > max_val``, from float32 cancellation, e.g.
+    ``c = 1`` after a batch at -1e30, or from a restart) takes the batch's own range ``[lo, hi]``
+    (torch keeps the inverted range, and its ``calculate_qparams`` then asserts).
+
+  Everywhere else the result is torch's, bit for bit.
   """
   c = np.float32(averaging_constant)
 
   def step(running, current):
     averaged = running + numerics.rounded(c * (current - running))
+    averaged = jnp.where(jnp.isnan(averaged), running, averaged)
     return jnp.where(jnp.isfinite(running), averaged, current)
 
   seen = lo <= hi
+  new_min, new_max = step(state.min_val, lo), step(state.max_val, hi)
+  inverted = new_min > new_max
+  new_min, new_max = jnp.where(inverted, lo, new_min), jnp.where(inverted, hi, new_max)
   return MinMaxState(
-    min_val=jnp.where(seen, step(state.min_val, lo), state.min_val),
-    max_val=jnp.where(seen, step(state.max_val, hi), state.max_val),
+    min_val=jnp.where(seen, new_min, state.min_val),
+    max_val=jnp.where(seen, new_max, state.max_val),
   )
 
 
@@ -116,12 +132,11 @@ class MinMaxObserver(UniformObserver):
     )
     return self.accumulate(state, lo, hi)
 
-  def check_state(self, state: MinMaxState, x) -> MinMaxState:
-    if jnp.shape(state.min_val) != ():
-      raise ValueError(
-        f"{type(self).__name__} keeps a scalar range; got a state with min_val shape "
-        f"{jnp.shape(state.min_val)}."
-      )
+  def check_state(self, state: MinMaxState, x, method: str = "update") -> MinMaxState:
+    """``state`` if it is a float32 :class:`MinMaxState` of this observer's shape (trace time)."""
+    shape = () if x is None else self.state_shape(x)
+    spec = (shape, jnp.float32)
+    check_state(self, state, MinMaxState, method, {"min_val": spec, "max_val": spec})
     return state
 
   def accumulate(self, state: MinMaxState, lo, hi) -> MinMaxState:
@@ -130,6 +145,8 @@ class MinMaxObserver(UniformObserver):
     )
 
   def calculate_qparams(self, state: MinMaxState) -> QParams:
+    """torch's ``calculate_qparams``; a degenerate range gives ``(1.0, 0)`` (see ``degenerate``)."""
+    self.check_state(state, None, "calculate_qparams")
     return qparams.calculate_qparams(state.min_val, state.max_val, self)
 
 

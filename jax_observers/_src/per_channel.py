@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax_observers._src import minmax, qparams
 from jax_observers._src.base import (
   QParams,
+  check_state,
   per_channel_affine,
   per_channel_affine_float_qparams,
   per_channel_symmetric,
@@ -66,9 +67,20 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
     axis = self.channel_axis(x)
     return tuple(i for i in range(len(jnp.shape(x))) if i != axis)
 
-  def check_state(self, state: minmax.MinMaxState, x) -> minmax.MinMaxState:
-    expected = self.state_shape(x)
+  def check_state(self, state: minmax.MinMaxState, x, method: str = "update") -> minmax.MinMaxState:
+    """``state`` checked at trace time: a float32 :class:`MinMaxState` with ``x``'s channel count
+    (any count when ``x`` is None), or torch's never-observed ``[0]`` buffers (made fresh)."""
+    spec = ([(None,)], jnp.float32)
+    check_state(self, state, minmax.MinMaxState, method, {"min_val": spec, "max_val": spec})
     shape = jnp.shape(state.min_val)
+    if jnp.shape(state.max_val) != shape:
+      raise ValueError(
+        f"{type(self).__name__}.{method} got min_val of shape {shape} and max_val of shape "
+        f"{jnp.shape(state.max_val)}; build the state with init(x)."
+      )
+    if x is None:
+      return state
+    expected = self.state_shape(x)
     if shape == (0,):  # torch's never-observed buffers, e.g. from a loaded torch state_dict.
       return minmax.fresh_state(expected)
     if shape != expected:
@@ -79,6 +91,8 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
     return state
 
   def calculate_qparams(self, state: minmax.MinMaxState) -> QParams:
+    """torch's per-channel qparams; a degenerate channel gives ``(1.0, 0)`` (see ``degenerate``)."""
+    self.check_state(state, None, "calculate_qparams")
     if jnp.shape(state.min_val) == (0,):
       return qparams.default_qparams((1,), self.qscheme == per_channel_affine_float_qparams)
     return qparams.calculate_qparams(state.min_val, state.max_val, self)

@@ -9,7 +9,8 @@ With :math:`m^- = \min(m, 0)`, :math:`M^+ = \max(M, 0)` and every step one float
 * float qparams: :math:`s = \frac{M - m}{q_{max} - q_{min}}` (1 where :math:`s \le \epsilon`),
   :math:`z = -m / s` as a float.
 
-A range never observed (``m = +inf, M = -inf``) gives torch's default ``scale = 1, zero_point = 0``.
+A range never observed (``m = +inf, M = -inf``) gives torch's default ``scale = 1, zero_point = 0``,
+and so does, per entry, a degenerate one (``m > M`` or NaN, on which torch asserts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_observers._src import numerics
-from jax_observers._src.base import QParams, QScheme
+from jax_observers._src.base import QParams, QScheme, valid_range
 
 
 def symmetric_zero_point(dtype, quant_range, has_customized_qrange, reduce_range) -> int:
@@ -58,7 +59,9 @@ def calculate_qparams(min_val, max_val, observer) -> QParams:
     scale = jnp.maximum(numerics.exact_div(max_pos - min_neg, np.float32(qmax - qmin)), eps)
     rounded = numerics.x86_to_int32(jnp.round(numerics.exact_div(min_neg, scale)))
     zero_point = jnp.clip(np.int32(qmin) - rounded, np.int32(qmin), np.int32(qmax))
-  seen = ~((min_val == jnp.inf) & (max_val == -jnp.inf))
+  # Never observed (+inf, -inf), and degenerate ranges torch asserts on (min_val > max_val, NaN):
+  # torch's default, never a collapsed scale.
+  seen = valid_range(min_val, max_val)
   return QParams(
     scale=jnp.where(seen, scale, jnp.float32(1.0)),
     zero_point=jnp.where(seen, zero_point, jnp.zeros_like(zero_point)),

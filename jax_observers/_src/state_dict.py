@@ -3,8 +3,10 @@
 ``state_dict(observer, state)`` gives NumPy arrays keyed and shaped like the torch observer's
 ``state_dict()`` (``eps`` [1], ``min_val``/``max_val`` [] or [C], per-channel never-observed [0]), so
 ``torch_observer.load_state_dict({k: torch.from_numpy(v) ...})`` works; ``load_state_dict`` takes that
-dict back, or a real torch observer's ``state_dict()`` (tensors are converted with ``.numpy()``).
-Other modules register their observers with :func:`register`.
+dict back, or a real torch observer's ``state_dict()`` (tensors are copied, never shared). Every
+loader validates its values through :func:`checked` (and :func:`running_range`, :func:`check_eps`),
+so all of them refuse the same things with the same message: ``Obs state_dict['key'] = value:
+reason``. Other modules register their observers with :func:`register`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,102 @@ def register(cls: type, to_dict: Callable, from_dict: Callable) -> None:
   _from_dict.register(cls)(from_dict)
 
 
-def _numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu().numpy()
-  return np.asarray(value)
+def to_numpy(value) -> np.ndarray:
+  """A private NumPy copy of ``value``: a torch tensor (cloned first, so the caller's buffers stay
+  resizable), a JAX or NumPy array, or a number. bfloat16/float16/float8 values become float32,
+  exactly (every one of them is a float32)."""
+  if hasattr(value, "detach"):  # a torch tensor; .numpy() on its own storage would pin it.
+    value = value.detach().cpu().clone()
+    if value.is_floating_point() and value.dtype.itemsize < 4:
+      value = value.float()  # NumPy has no bfloat16/float8; float32 holds them exactly.
+    return value.numpy()
+  out = np.array(value, copy=True)
+  if out.dtype.kind == "V" or (np.issubdtype(out.dtype, np.floating) and out.dtype.itemsize < 4):
+    out = out.astype(np.float32)  # ml_dtypes bfloat16/float8 (kind 'V') and float16: exact
+  return out
+
+
+def _summary(value: np.ndarray) -> str:
+  if value.size <= 8:
+    return f"{value.dtype.name}{list(value.shape)} {value.tolist()}"
+  return f"{value.dtype.name}{list(value.shape)}"
+
+
+def refuse(observer, key: str, value, reason: str):
+  """The loader's one error: ``Observer state_dict['key'] = <value>: <reason>.``"""
+  value = np.asarray(value)
+  raise ValueError(f"{type(observer).__name__} state_dict[{key!r}] = {_summary(value)}: {reason}.")
+
+
+def _first(mask: np.ndarray, value: np.ndarray) -> str:
+  idx = np.argwhere(mask)[0]
+  where = tuple(int(i) for i in idx)
+  return f"e.g. {value[where].item()!r} at index {list(where)}, {int(mask.sum())} entries in all"
+
+
+def checked(
+  observer,
+  key: str,
+  value: np.ndarray,
+  *,
+  kind: str = "float",
+  shapes=None,
+  finite: bool = False,
+  nonnegative: bool = False,
+) -> np.ndarray:
+  """``value`` validated and converted: the one path every loader's arrays go through.
+
+  Args:
+    observer: named in errors.
+    key: the state-dict key, named in errors.
+    value: a NumPy array from :func:`to_numpy`.
+    kind: ``'float'`` (float32 out; integers only if exact), ``'int'`` (int32 out; floats only if
+      integral, values inside int32), ``'count'`` (int32 counts of integral values, saturating at
+      ``2**31 - 1``) or ``'flag'`` (one value, bool out).
+    shapes: a list of allowed shapes (``None``: any).
+    finite: refuse NaN and ``±inf``.
+    nonnegative: refuse negative values.
+
+  Raises:
+    ValueError: naming ``key``, the value and what was expected.
+  """
+  value = np.asarray(value)
+  if value.dtype == object or not (
+    np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_
+  ):
+    refuse(observer, key, value, "expected a numeric array")
+  if shapes is not None and tuple(value.shape) not in [tuple(s) for s in shapes]:
+    wanted = " or ".join(str(list(s)) for s in shapes)
+    refuse(observer, key, value, f"expected shape {wanted}")
+  if kind == "flag":
+    if value.size != 1:
+      refuse(observer, key, value, "expected one flag value")
+    return value.reshape(-1)
+  if np.issubdtype(value.dtype, np.complexfloating):
+    refuse(observer, key, value, "expected real values")
+  wide = value.astype(np.float64) if value.dtype != np.float64 else value
+  if finite and not np.all(np.isfinite(wide)):
+    bad = ~np.isfinite(wide)
+    refuse(observer, key, value, f"expected finite values, {_first(bad, value)}")
+  if nonnegative and np.any(wide < 0):
+    refuse(observer, key, value, f"expected values >= 0, {_first(wide < 0, value)}")
+  if kind == "float":
+    out = value.astype(np.float32)
+    if not np.issubdtype(value.dtype, np.floating) and np.any(out.astype(np.float64) != wide):
+      refuse(observer, key, value, "integers that float32 cannot hold exactly")
+    return out
+  integral = np.isfinite(wide) & (np.floor(wide) == wide)
+  if not np.all(integral):
+    refuse(observer, key, value, f"expected integers, {_first(~integral, value)}")
+  if kind == "count":
+    return np.minimum(wide, _INT32_MAX).astype(np.int32)  # counts saturate, as the state's do
+  inside = (wide >= np.iinfo(np.int32).min) & (wide <= _INT32_MAX)
+  if not np.all(inside):
+    refuse(observer, key, value, f"expected int32 values, {_first(~inside, value)}")
+  return wide.astype(np.int32)
+
+
+_INT32_MAX = np.iinfo(np.int32).max
 
 
 def state_dict(observer: Observer, state) -> dict[str, np.ndarray]:
@@ -50,20 +144,28 @@ def state_dict(observer: Observer, state) -> dict[str, np.ndarray]:
 def load_state_dict(observer: Observer, d: Mapping, *, strict: bool = True, example=None):
   """The state stored in ``d`` (ours or torch's ``state_dict()``), checked against ``observer``.
 
+  Every value goes through one validation path (:func:`checked`): shape, dtype, finiteness, the
+  sign of counts, the histogram grid's identity; errors name the key and the value. ``d`` and its
+  tensors are copied, never changed (torch's buffers stay resizable); bfloat16/float16 buffers
+  load exactly as float32.
+
   Args:
     observer: the config the state belongs to.
     d: a mapping of torch buffer names to arrays or torch tensors.
     strict: refuse unknown keys, an ``eps`` that differs from ``observer.eps`` (torch silently
-      keeps the loaded one, or, through ``load_observer_state_dict``, resets it), and a NaN running
-      range (torch's state after a NaN batch); with ``strict=False`` NaN entries load as never
-      observed.
+      keeps the loaded one, or, through ``load_observer_state_dict``, resets it), and a NaN or
+      inverted running range (torch's state after a NaN batch, or after float32 cancellation in a
+      moving average); with ``strict=False`` those entries load as never observed.
     example: an input example, for observers whose torch state holds no arrays (RecordingObserver).
 
   Raises:
     KeyError: a key the observer needs is missing.
-    ValueError: unknown keys (strict), an eps mismatch (strict), or wrong shapes.
+    ValueError: unknown keys (strict), an eps mismatch (strict), or a value of the wrong shape,
+      dtype, sign or finiteness.
   """
-  d = {k: _numpy(v) for k, v in d.items()}
+  if not isinstance(d, Mapping):
+    raise TypeError(f"load_state_dict takes a mapping of names to arrays; got {type(d).__name__}.")
+  d = {k: to_numpy(v) for k, v in d.items()}
   return _from_dict(observer, d, strict=strict, example=example)
 
 
@@ -75,17 +177,51 @@ def take(d: dict, keys: tuple[str, ...], observer, strict: bool) -> list[np.ndar
   extra = sorted(set(d) - set(keys))
   if strict and extra:
     raise ValueError(f"{type(observer).__name__} state_dict has unexpected keys {extra}.")
-  return [d[k] for k in keys]
+  return [to_numpy(d[k]) for k in keys]
 
 
-def check_eps(eps: np.ndarray, observer, strict: bool) -> None:
-  """Under ``strict``, a ValueError when the stored ``eps`` is not the observer's."""
-  stored = float(np.asarray(eps).reshape(-1)[0])
+def check_eps(eps: np.ndarray, observer, strict: bool, key: str = "eps") -> None:
+  """``eps`` is one float; under ``strict``, a ValueError when it is not the observer's."""
+  eps = checked(observer, key, eps, shapes=[(1,), ()])
+  stored = float(eps.reshape(-1)[0])
   if strict and np.float32(stored) != np.float32(observer.eps):
-    raise ValueError(
-      f"state_dict eps={stored!r} differs from the observer's eps={observer.eps!r}; build the "
-      "observer with that eps or pass strict=False."
+    refuse(
+      observer,
+      key,
+      eps,
+      f"differs from the observer's eps={observer.eps!r}; build the observer with that eps or "
+      "pass strict=False",
     )
+
+
+def running_range(
+  observer, min_val, max_val, *, strict: bool, shapes, names=("min_val", "max_val")
+):
+  """float32 ``(min_val, max_val)`` validated: shapes, then NaN and inverted ranges.
+
+  A valid entry has ``min_val <= max_val`` or is ``(+inf, -inf)`` (never observed). NaN (torch's
+  state after a NaN batch) and ``min_val > max_val`` (float32 cancellation in torch's moving
+  average) are refused under ``strict`` and load as never observed otherwise.
+  """
+  lo = checked(observer, names[0], min_val, shapes=shapes)
+  hi = checked(observer, names[1], max_val, shapes=shapes)
+  if lo.shape != hi.shape:
+    refuse(observer, names[1], hi, f"its shape differs from {names[0]}'s {list(lo.shape)}")
+  fresh = (lo == np.inf) & (hi == -np.inf)
+  bad = ~(lo <= hi) & ~fresh
+  if not bad.any():
+    return lo, hi
+  if strict:
+    what = "NaN" if np.isnan(lo[bad]).any() or np.isnan(hi[bad]).any() else "min_val > max_val"
+    refuse(
+      observer,
+      names[0],
+      lo,
+      f"with {names[1]} = {_summary(hi)}, {int(bad.sum())} entr(y/ies) hold {what}: the running "
+      "range is poisoned (a NaN batch) or inverted (float32 cancellation in a moving average). "
+      "Pass strict=False to load those entries as never observed",
+    )
+  return np.where(bad, np.float32(np.inf), lo), np.where(bad, np.float32(-np.inf), hi)
 
 
 def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
@@ -101,33 +237,12 @@ def _minmax_from_dict(observer, d, *, strict, example):
   eps, min_val, max_val = take(d, ("eps", "min_val", "max_val"), observer, strict)
   check_eps(eps, observer, strict)
   per_channel = isinstance(observer, PerChannelMinMaxObserver)
-  for name, value in (("min_val", min_val), ("max_val", max_val)):
-    if (value.ndim != 1) if per_channel else (value.size != 1):
-      raise ValueError(
-        f"{type(observer).__name__} expects {name} of shape {'(C,)' if per_channel else '()'}, "
-        f"got {value.shape}."
-      )
-  if min_val.shape != max_val.shape:
-    raise ValueError(f"min_val {min_val.shape} and max_val {max_val.shape} differ in shape.")
-  min_val, max_val = _without_nan(min_val, max_val, strict)
+  if per_channel and min_val.ndim != 1:
+    refuse(observer, "min_val", min_val, "expected shape [C] (or torch's empty [0])")
+  shapes = [min_val.shape] if per_channel else [(), (1,)]
+  min_val, max_val = running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
   shape = min_val.shape if per_channel else ()
-  return minmax.MinMaxState(
-    min_val=np.asarray(min_val, np.float32).reshape(shape),
-    max_val=np.asarray(max_val, np.float32).reshape(shape),
-  )
-
-
-def _without_nan(min_val, max_val, strict: bool):
-  """torch's running min/max turn NaN for good once an observed batch held a NaN."""
-  nan = np.isnan(min_val) | np.isnan(max_val)
-  if not nan.any():
-    return min_val, max_val
-  if strict:
-    raise ValueError(
-      f"min_val/max_val hold NaN in {int(nan.sum())} place(s): the torch observer saw NaN data and "
-      "its running range is poisoned. Pass strict=False to load those entries as never observed."
-    )
-  return np.where(nan, np.inf, min_val), np.where(nan, -np.inf, max_val)
+  return minmax.MinMaxState(min_val=min_val.reshape(shape), max_val=max_val.reshape(shape))
 
 
 def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
@@ -139,10 +254,9 @@ def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
 
 def _fixed_from_dict(observer, d, *, strict, example):
   scale, zero_point = take(d, ("scale", "zero_point"), observer, strict)
-  return FixedQParamsState(
-    scale=np.asarray(scale, np.float32).reshape(()),
-    zero_point=np.asarray(zero_point, np.int32).reshape(()),
-  )
+  scale = checked(observer, "scale", scale, shapes=[(1,), ()], finite=True)
+  zero_point = checked(observer, "zero_point", zero_point, kind="int", shapes=[(1,), ()])
+  return FixedQParamsState(scale=scale.reshape(()), zero_point=zero_point.reshape(()))
 
 
 def _empty_to_dict(observer, state) -> dict[str, np.ndarray]:
@@ -164,7 +278,10 @@ def _recording_from_dict(observer, d, *, strict, example):
       raise ValueError("torch's RecordingObserver state_dict is empty; pass example= to init.")
     return observer.init(example)
   tensor_val, count = take(d, ("tensor_val", "count"), observer, strict)
-  return recording.RecordingState(tensor_val=tensor_val, count=np.asarray(count, np.int32))
+  if tensor_val.ndim < 1 or tensor_val.shape[0] != observer.capacity:
+    refuse(observer, "tensor_val", tensor_val, f"expected [capacity={observer.capacity}, ...]")
+  count = checked(observer, "count", count, kind="count", shapes=[(), (1,)], nonnegative=True)
+  return recording.RecordingState(tensor_val=tensor_val, count=count.reshape(()))
 
 
 register(minmax.MinMaxObserver, _minmax_to_dict, _minmax_from_dict)
