@@ -12,7 +12,6 @@ activations' histogram with the range each observer picked.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import flax.linen as nn
@@ -22,7 +21,6 @@ import numpy as np
 
 import jax_observers as jo
 
-SITES = ("input", "hidden0", "hidden1")
 U4 = {"dtype": jnp.uint4}  # 4-bit activations: where the clipping range matters
 OBSERVERS = {
   "MinMax": jo.MinMaxObserver(**U4),
@@ -36,17 +34,17 @@ WEIGHTS = jo.PerChannelMinMaxObserver(ch_axis=1, dtype=jnp.int8, qscheme=jo.per_
 
 
 class MLP(nn.Module):
-  """64 -> 128 -> 128 -> 10; observes (or fake-quantizes) the input and both hidden activations."""
+  """64 -> 128 -> 128 -> 10; observes the input and both hidden activations, or with
+  ``quantize=True`` fake-quantizes them with the calibrated qparams (PTQ evaluation)."""
 
   observer: object = None
 
   @nn.compact
-  def __call__(self, x, act_qparams=None):
+  def __call__(self, x, quantize=False):
     def site(name, h):
-      if act_qparams is not None:
-        s, z = act_qparams[name]
-        return jo.fake_quantize_per_tensor_affine(h, s, z, *self.observer.quant_range)
-      return jo.linen.Observe(self.observer, name=name)(h) if self.observer else h
+      return (
+        jo.linen.Observe(self.observer, name=name)(h, quantize=quantize) if self.observer else h
+      )
 
     x = site("input", x)
     for i, width in enumerate((128, 128, 10)):
@@ -98,22 +96,15 @@ def train_float(train, steps=600, seed=0):
   return params
 
 
-def progress(label, i, n, width=24):
-  done = int(width * i / n)
-  sys.stderr.write(f"\r  calibrating {label:<22} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
-  if i == n:
-    sys.stderr.write("\n")
-  sys.stderr.flush()
-
-
 def calibrate(observer, params, batches, label):
   model = MLP(observer=observer)
   variables = {**model.init(jax.random.key(0), batches[0]), "params": params}
-  step = jax.jit(lambda v, x: model.apply(v, x, mutable=["observers"])[1])
-  for i, x in enumerate(batches):
-    variables = {**variables, **step(variables, x)}
-    progress(label, i + 1, len(batches))
+  variables = jo.linen.calibrate(model, variables, batches, progress=f"calibrating {label:<22}")
   return jo.linen.calculate_qparams(model, variables, batches[0]), variables
+
+
+def accuracy(logits, labels) -> float:
+  return float(100 * jnp.mean(jnp.argmax(logits, -1) == labels))
 
 
 def sqnr_db(x, y) -> float:
@@ -133,19 +124,16 @@ def main(argv=None) -> None:
   start = time.perf_counter()
   train, test = load_digits_split()
   params = train_float(train)
-  float_acc = float(
-    100 * jnp.mean(jnp.argmax(MLP().apply({"params": params}, test[0]), -1) == test[1])
-  )
+  float_acc = accuracy(MLP().apply({"params": params}, test[0]), test[1])
   batches = [train[0][i * 64 : (i + 1) * 64] for i in range(args.batches)]
   qweights = quantize_weights(params)
   h_test = hidden(params, test[0])
   rows, picked, hist_obs = [], {}, None
   for label, observer in OBSERVERS.items():
     qparams, variables = calibrate(observer, params, batches, label)
-    act = {site: tuple(qparams[site]) for site in SITES}
-    logits = MLP(observer=observer).apply({"params": qweights}, test[0], act_qparams=act)
-    acc = float(100 * jnp.mean(jnp.argmax(logits, -1) == test[1]))
-    s, z = act["hidden0"]
+    quantized = {**variables, "params": qweights}  # int8 weights, calibrated activations
+    acc = accuracy(MLP(observer=observer).apply(quantized, test[0], quantize=True), test[1])
+    s, z = qparams["hidden0"]
     h_q = jo.fake_quantize_per_tensor_affine(h_test, s, z, *observer.quant_range)
     rows.append(
       (label, f"{float(s):.5f}", f"{int(z)}", f"{sqnr_db(h_test, h_q):.1f}", f"{acc:.2f}")

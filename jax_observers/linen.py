@@ -152,7 +152,7 @@ def calibrate(
   variables,
   batches: Iterable,
   *,
-  progress: bool = False,
+  progress: bool | str = False,
   mutable=(COLLECTION,),
   **kwargs,
 ):
@@ -162,7 +162,7 @@ def calibrate(
     model: a linen module with :class:`Observe` or :class:`FakeQuant` inside.
     variables: its variables (``model.init(...)``), with an ``'observers'`` collection.
     batches: an iterable of inputs; a tuple is passed as positional arguments.
-    progress: draw a progress bar on stderr.
+    progress: draw a progress bar on stderr (a string: with that label).
     mutable: the collections the calibration may change (add ``"params"`` for LSQ).
     **kwargs: passed to ``model.apply`` (static: e.g. ``train=False``).
 
@@ -181,7 +181,7 @@ def calibrate(
   step = jax.jit(lambda v, args: model.apply(v, *args, mutable=list(mutable), **kwargs)[1])
   before = variables[COLLECTION]
   seen = 0
-  label = f"calibrating {type(model).__name__}"
+  label = progress if isinstance(progress, str) else f"calibrating {type(model).__name__}"
   for batch in progress_lib.bar(batches, label) if progress else batches:
     args = batch if isinstance(batch, tuple) else (batch,)
     variables = {**variables, **step(variables, args)}

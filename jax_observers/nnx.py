@@ -173,7 +173,7 @@ def calculate_qparams(model: nnx.Module) -> dict[str, Any]:
   return out
 
 
-def calibrate(model: nnx.Module, batches: Iterable, *, progress: bool = False) -> nnx.Module:
+def calibrate(model: nnx.Module, batches: Iterable, *, progress: bool | str = False) -> nnx.Module:
   """Runs ``model(batch)`` under ``nnx.jit`` over ``batches`` (a tuple is passed as positional
   arguments), updating every observer in place; returns ``model``.
 
@@ -186,7 +186,7 @@ def calibrate(model: nnx.Module, batches: Iterable, *, progress: bool = False) -
   step = nnx.jit(lambda m, args: m(*args))
   before = jax.tree.map(lambda a: a, nnx.state(model, ObserverVariable))
   seen = 0
-  label = f"calibrating {type(model).__name__}"
+  label = progress if isinstance(progress, str) else f"calibrating {type(model).__name__}"
   for batch in progress_lib.bar(batches, label) if progress else batches:
     step(model, batch if isinstance(batch, tuple) else (batch,))
     seen += 1
