@@ -16,12 +16,24 @@ min of the per-token minima and the max of the per-token maxima: the bound the p
 any batch stay within; per-token qparams of a batch come from :func:`choose_qparams_affine`). Every
 other granularity defaults to ``token_axes=0``, torchao's state, right for weights. With
 ``token_axes=0`` and a fixed input shape the state and qparams are torchao's, bit for bit.
+
+The torchao 0.18 counterparts: :class:`AffineQuantizedMinMaxObserver` is
+``torchao.quantization.observer.AffineQuantizedMinMaxObserver`` (default ``eps``:
+``finfo(float32).smallest_normal``). That class warns that ``preserve_zero=False`` and non-INT
+domains are deprecated and computes ``choose_qparams_affine_with_min_max`` regardless (zero kept,
+integer zero point); jo computes what the split functions give for those arguments
+(``_choose_qparams_affine_dont_preserve_zero``, ``_choose_qparams_affine_tinygemm``, see
+:mod:`affine_qparams`). :class:`AffineQuantizedMovingAverageMinMaxObserver` exists in torchao 0.18
+only as ``torchao.quantization.pt2e._affine_quantization.AffineQuantizedMovingAverageMinMaxObserver``,
+whose default ``eps`` is ``finfo(float32).eps``: jo keeps that default for it. Both compute the state
+in float32; torchao's state has the input's dtype (the same values for bfloat16 inputs, whose min
+and max are exact in float32, but torchao's qparams are then computed in bfloat16).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +55,7 @@ class AffineQuantizedMinMaxObserver(Observer):
     granularity: ``jo.PerTensor()``, ``PerAxis(axis)``, ``PerGroup(group_size)``, ``PerRow()``,
       ``PerToken()`` or ``PerBlock(block_size)``.
     quant_min, quant_max: a custom range inside the dtype's.
-    eps: smallest scale (None: float32's machine epsilon).
+    eps: smallest scale (None: ``default_eps``; torchao 0.18's ``finfo(float32).smallest_normal``).
     preserve_zero: widen each block's range to include 0.
     zero_point_domain: ``jo.ZeroPointDomain.INT``, ``FLOAT`` or ``NONE``.
     token_axes: leading input axes that index tokens, reduced into the state (None: all leading
@@ -76,6 +88,8 @@ class AffineQuantizedMinMaxObserver(Observer):
   token_axes: int | None = None
   pad_partial_blocks: bool = False
   ignore_nonfinite: bool = False
+
+  default_eps: ClassVar[float] = aq.SMALLEST_NORMAL  # torchao 0.18's observer
 
   def __post_init__(self):
     aq.check_mapping(self.mapping_type, self.zero_point_domain, self.preserve_zero)
@@ -139,7 +153,7 @@ class AffineQuantizedMinMaxObserver(Observer):
       state.max_val,
       mapping_type=self.mapping_type,
       quant_range=self.quant_range,
-      eps=aq.check_eps(self.eps),
+      eps=aq.check_eps(self.eps, self.default_eps),
       preserve_zero=self.preserve_zero,
       zero_point_domain=self.zero_point_domain,
     )
@@ -176,6 +190,9 @@ class AffineQuantizedMinMaxObserver(Observer):
 class AffineQuantizedMovingAverageMinMaxObserver(AffineQuantizedMinMaxObserver):
   r"""Per-block moving average of the batch min and max: :math:`m + c\,(\min_{B_g} x - m)`.
 
+  torchao 0.18's ``torchao.quantization.pt2e._affine_quantization``
+  ``AffineQuantizedMovingAverageMinMaxObserver``; ``eps=None`` is its ``finfo(float32).eps``.
+
   Args:
     averaging_constant: ``c`` in [0, 1].
     is_dynamic: torchao's flag for dynamic quantization; needs ``averaging_constant=1``.
@@ -195,6 +212,8 @@ class AffineQuantizedMovingAverageMinMaxObserver(AffineQuantizedMinMaxObserver):
 
   averaging_constant: float = 0.01
   is_dynamic: bool = False
+
+  default_eps: ClassVar[float] = aq.FLOAT32_EPS  # torchao 0.18's only copy is pt2e's: finfo.eps
 
   def __post_init__(self):
     super().__post_init__()

@@ -1,4 +1,4 @@
-r"""torchao's ``choose_qparams_affine``: per-block (min, max) to (scale, zero_point), bit for bit.
+r"""torchao's ``choose_qparams_affine`` family: per-block (min, max) to (scale, zero_point), bit for bit.
 
 With :math:`m^- = \min(m, 0)`, :math:`M^+ = \max(M, 0)` (``preserve_zero``; else :math:`m, M` as
 they are), :math:`[q_{min}, q_{max}]` the target range and every step one float32 rounding:
@@ -12,7 +12,26 @@ they are), :math:`[q_{min}, q_{max}]` the target range and every step one float3
   ``zero_point_domain``: INT :math:`z = \mathrm{clip}(q_{min} - \mathrm{rne}(m^- / s), q_{min},
   q_{max})`; FLOAT :math:`z = m^- + s \cdot (q_{max} + q_{min} + 1) / 2`; NONE no zero point.
 
-:math:`\epsilon` defaults to float32's machine epsilon (torchao: ``finfo(input.dtype).eps``).
+:math:`\epsilon` defaults to ``finfo(dtype).smallest_normal`` as in torchao 0.18 (``dtype`` the
+input's for the functions, float32 for the observers' float32 state); torchao before 0.10 and its
+pt2e copy (``torchao.quantization.pt2e``) use ``finfo(dtype).eps``. ``quant_min == quant_max`` is
+allowed as in torchao: the scale is then ``inf`` (or NaN for an all-zero block).
+
+torchao 0.18 split the old ``preserve_zero`` / ``zero_point_domain`` arguments into separate
+functions; each jo configuration is one of them (``torchao.quantization.quant_primitives``):
+
+===============================================  ==================================================
+jo arguments                                     torchao 0.18 function
+===============================================  ==================================================
+any mapping, ``preserve_zero=True``, INT         ``choose_qparams_affine`` (``_with_min_max``)
+any mapping, ``preserve_zero=True``, NONE        the same, zero point dropped (jo returns zeros)
+ASYMMETRIC, ``preserve_zero=False``, INT / NONE  ``_choose_qparams_affine_dont_preserve_zero``
+ASYMMETRIC, ``preserve_zero=False``, FLOAT       ``_choose_qparams_affine_tinygemm``
+ASYMMETRIC, ``preserve_zero=True``, FLOAT        none: the tinygemm formula on :math:`[m^-, M^+]`
+===============================================  ==================================================
+
+Statistics and scales are float32 whatever the input dtype: for a bfloat16 input jo returns
+torchao's qparams of ``x.float()`` (torchao computes in bfloat16 and returns a bfloat16 scale).
 """
 
 from __future__ import annotations
@@ -62,6 +81,7 @@ _INT_DTYPES = tuple(
 )
 AFFINE_DTYPES = _INT_DTYPES
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
+SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)  # torchao 0.18's default eps
 
 
 def float_input(x, where: str) -> jax.Array:
@@ -81,9 +101,9 @@ def affine_quant_range(target_dtype, quant_min=None, quant_max=None) -> tuple[in
   for name, value in (("quant_min", qmin), ("quant_max", qmax)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise ValueError(f"{name}={value!r} must be an int.")
-  if not lo <= qmin < qmax <= hi:
+  if not lo <= qmin <= qmax <= hi:
     raise ValueError(
-      f"quant_min={qmin}, quant_max={qmax} must satisfy {lo} <= quant_min < quant_max <= {hi} "
+      f"quant_min={qmin}, quant_max={qmax} must satisfy {lo} <= quant_min <= quant_max <= {hi} "
       f"for target_dtype={dtype.name}."
     )
   return int(qmin), int(qmax)
@@ -108,13 +128,32 @@ def check_mapping(mapping_type, zero_point_domain, preserve_zero) -> None:
       raise ValueError(f"zero_point_domain=FLOAT is not supported for {mapping_type.name}.")
 
 
-def check_eps(eps) -> float:
-  """``eps`` as a float (None: float32's machine epsilon), or a ValueError naming it."""
+def default_eps(dtype) -> float:
+  """torchao 0.18's default eps for statistics of ``dtype``: ``finfo(dtype).smallest_normal``."""
+  dtype = jnp.dtype(dtype)
+  return float(
+    jnp.finfo(dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32).smallest_normal
+  )
+
+
+def check_eps(eps, default: float = SMALLEST_NORMAL) -> float:
+  """``eps`` as a float (None: ``default``), or a ValueError naming it."""
   if eps is None:
-    return FLOAT32_EPS
+    return default
   if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
     raise ValueError(f"eps={eps!r} must be None or a real number.")
   return float(eps)
+
+
+def _torch_max(a, b):
+  """``torch.max(a, b)`` / ``clamp(a, min=b)``: ``a`` unless ``b`` is larger or NaN (so the sign of
+  a zero comes from ``a``, where XLA's max returns +0)."""
+  return jnp.where((a < b) | jnp.isnan(b), b, a)
+
+
+def _torch_min(a, b):
+  """``torch.min(a, b)``: ``a`` unless ``b`` is smaller or NaN."""
+  return jnp.where((b < a) | jnp.isnan(b), b, a)
 
 
 def qparams_from_min_max(
@@ -129,15 +168,15 @@ def qparams_from_min_max(
 ) -> QParams:
   """The module formulas on float32 ``min_val``/``max_val`` of any shape (no validation)."""
   qmin, qmax = quant_range
+  f32 = np.float32
   min_val = jnp.asarray(min_val, jnp.float32)
   max_val = jnp.asarray(max_val, jnp.float32)
   if preserve_zero:
-    min_neg, max_pos = jnp.minimum(min_val, 0.0), jnp.maximum(max_val, 0.0)
+    min_neg, max_pos = _torch_min(min_val, f32(0)), _torch_max(max_val, f32(0))
   else:
     min_neg, max_pos = min_val, max_val
-  f32 = np.float32
   if mapping_type == MappingType.SYMMETRIC:
-    amax = jnp.maximum(-min_neg, max_pos)
+    amax = _torch_max(-min_neg, max_pos)
     scale = numerics.exact_div(amax, f32((qmax - qmin) / 2))
   elif mapping_type == MappingType.SYMMETRIC_NO_CLIPPING_ERR:
     smin = numerics.exact_div(min_neg, f32(qmin))
@@ -145,7 +184,7 @@ def qparams_from_min_max(
     scale = jnp.where(smin > smax, smin, smax)
   else:
     scale = numerics.exact_div(max_pos - min_neg, f32(qmax - qmin))
-  scale = jnp.maximum(scale, f32(eps))
+  scale = _torch_max(scale, f32(eps))
   if zero_point_domain == ZeroPointDomain.NONE:
     zero_point = jnp.zeros(scale.shape, jnp.int32)
   elif mapping_type != MappingType.ASYMMETRIC:
@@ -181,6 +220,11 @@ def choose_qparams_affine_with_min_max(
 ) -> QParams:
   """torchao's ``choose_qparams_affine_with_min_max``: qparams from already reduced ranges.
 
+  The defaults are torchao 0.18's function (``eps=None``: ``finfo(min_val.dtype).smallest_normal``);
+  ``preserve_zero=False`` and the FLOAT domain give the qparams of
+  ``_choose_qparams_affine_dont_preserve_zero`` / ``_choose_qparams_affine_tinygemm`` for the same
+  ranges (the module table), which torchao 0.18 only offers from an input tensor.
+
   Returns:
     ``QParams`` shaped like ``min_val``: float32 scale; int32 zero point (float32 for the FLOAT
     domain; zeros for NONE, where torchao returns None).
@@ -198,7 +242,7 @@ def choose_qparams_affine_with_min_max(
     max_val,
     mapping_type=mapping_type,
     quant_range=affine_quant_range(target_dtype, quant_min, quant_max),
-    eps=check_eps(eps),
+    eps=check_eps(eps, default_eps(jnp.result_type(min_val))),
     preserve_zero=preserve_zero,
     zero_point_domain=zero_point_domain,
   )
@@ -232,9 +276,10 @@ def choose_qparams_affine(
     block_size: a :class:`Granularity` or torchao's block_size tuple (one entry per axis of ``x``).
     target_dtype: ``jnp.int8``, ``jnp.uint8``, ``jnp.int4``, ``jnp.uint4``, ``jnp.int2`` ...
     quant_min, quant_max: a custom range inside the dtype's.
-    eps: smallest scale (None: float32's machine epsilon).
-    preserve_zero: widen each block's range to include 0.
-    zero_point_domain: a :class:`ZeroPointDomain`.
+    eps: smallest scale (None: ``finfo(x.dtype).smallest_normal``, torchao 0.18).
+    preserve_zero: widen each block's range to include 0 (False: torchao's
+      ``_choose_qparams_affine_dont_preserve_zero``, or ``_tinygemm`` in the FLOAT domain).
+    zero_point_domain: a :class:`ZeroPointDomain` (see the module table for the torchao function).
     pad: allow a partial last block (ModelOpt / ONNX Runtime) instead of raising.
 
   Returns:
@@ -258,7 +303,7 @@ def choose_qparams_affine(
     hi,
     mapping_type=mapping_type,
     quant_range=quant_range,
-    eps=check_eps(eps),
+    eps=check_eps(eps, default_eps(x.dtype)),
     preserve_zero=preserve_zero,
     zero_point_domain=zero_point_domain,
   )
