@@ -217,11 +217,12 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
   if not channels:  # torch's pre-v3 never-observed buffers are empty
     min_val = np.full((), np.inf, np.float32) if min_val.shape == (0,) else min_val
     max_val = np.full((), -np.inf, np.float32) if max_val.shape == (0,) else max_val
+  never = np.asarray((min_val == np.inf) & (max_val == -np.inf)).reshape(shape)
+  if np.any(never & np.any(hist != 0, axis=-1)):
+    state_dict_lib.refuse(observer, "histogram", hist, "counts on a range that observed nothing")
   lo, hi = state_dict_lib.running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
   lo, hi = lo.reshape(shape), hi.reshape(shape)
-  fresh = ~(lo <= hi)
-  if np.any(fresh & np.any(hist != 0, axis=-1)):
-    state_dict_lib.refuse(observer, "histogram", hist, "counts on a range that observed nothing")
+  hist = np.where((lo <= hi)[..., None], hist, np.zeros((), hist.dtype))  # strict=False: reset
   if pow2:
     _check_pow2_grid(observer, hist, lo, hi, mode)
   return HistogramState(histogram=hist, min_val=lo, max_val=hi)

@@ -228,7 +228,9 @@ def _host_search(packed: np.ndarray, *, dst_nbins: int) -> np.ndarray:
   for idx in np.ndindex(packed.shape[:-1]):
     min_val, max_val = packed[idx][-2:]
     if np.isfinite(min_val) and np.isfinite(max_val):  # else never observed: left as is.
-      out[idx] = l2_search(packed[idx][:-2], min_val, max_val, dst_nbins)
+      # A range near float32's max overflows to inf in torch's float32 steps, silently there too.
+      with np.errstate(over="ignore", invalid="ignore"):
+        out[idx] = l2_search(packed[idx][:-2], min_val, max_val, dst_nbins)
   return out
 
 
