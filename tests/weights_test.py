@@ -163,3 +163,52 @@ def test_float_round_trip_is_within_half_a_spacing(name):
   assert np.all(err[inside] <= bound[inside]), f"{name}: {np.max(err / bound)}"
   saturated = np.float32(fmax) * s[~inside].astype(np.float32)
   np.testing.assert_array_equal(np.abs(w_hat[~inside]).astype(np.float32), saturated)  # not NaN
+
+
+def _sqnr_np(w, w_hat):
+  w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
+  return 20 * np.log10(np.linalg.norm(w) / np.linalg.norm(w - w_hat))
+
+
+@pytest.mark.parametrize("form", ["keyword", "pattern", "rule"])
+def test_stacked_layers_are_quantized_one_by_one(form):
+  """A scanned kernel (L, in, out) with one tiny layer: per-axis ranges never span layers."""
+  kernel = jax.random.normal(jax.random.key(0), (3, 64, 16))
+  kernel = kernel.at[1].multiply(0.01)
+  obs = jo.AffineQuantizedMinMaxObserver(
+    mapping_type=jo.MappingType.SYMMETRIC, target_dtype=jnp.int8, granularity=jo.PerAxis(-1)
+  )
+  params = {"blocks": {"kernel": kernel}}
+  if form == "keyword":
+    quantized, report = jo.quantize_params(params, [("kernel$", obs)], stacked_axes=1)
+  elif form == "pattern":
+    quantized, report = jo.quantize_params(
+      params, [("kernel$", obs)], stacked_axes=[("blocks/", 1)]
+    )
+  else:
+    quantized, report = jo.quantize_params(params, [("kernel$", obs, 1)])
+  leaf = quantized["blocks"]["kernel"]
+  assert leaf.qparams.scale.shape == (3, 16)
+  restored = jo.dequantize_params(quantized)["blocks"]["kernel"]
+  for i in range(3):
+    alone, db = jo.quantize_array(obs, kernel[i])
+    np.testing.assert_array_equal(leaf.qvalue[i], alone.qvalue)
+    np.testing.assert_array_equal(restored[i], alone.dequantize())
+    np.testing.assert_allclose(report[f"blocks/kernel[{i}]"], db, rtol=1e-5)
+    np.testing.assert_allclose(db, _sqnr_np(kernel[i], alone.dequantize()), rtol=1e-4)
+  np.testing.assert_allclose(report["blocks/kernel"], _sqnr_np(kernel, restored), rtol=1e-4)
+  # merged (no stacked_axes), the tiny layer loses most of its signal; one by one it keeps it
+  merged, merged_report = jo.quantize_params(params, [("kernel$", obs)])
+  tiny = _sqnr_np(kernel[1], jo.dequantize_params(merged)["blocks"]["kernel"][1])
+  assert tiny < report["blocks/kernel[1]"] - 20
+  assert "blocks/kernel[1]" not in merged_report
+
+
+def test_stacked_axes_refusals():
+  obs = jo.AffineQuantizedMinMaxObserver(
+    mapping_type=jo.MappingType.SYMMETRIC, target_dtype=jnp.int8, granularity=jo.PerAxis(-1)
+  )
+  with pytest.raises(ValueError, match=r"stacked_axes=2 must be in \[0, 2\)"):
+    jo.quantize_array(obs, jnp.ones((4, 4)), stacked_axes=2)
+  with pytest.raises(TypeError, match="stacked_axes=True must be an int"):
+    jo.quantize_array(obs, jnp.ones((4, 4)), stacked_axes=True)
