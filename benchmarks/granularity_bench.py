@@ -1,9 +1,7 @@
-"""Per-group int4 qparams of a 4096 x 4096 float32 weight: jitted JAX vs torch, in one process.
+"""Per-group int4 qparams of a 4096 x 4096 float32 weight: jitted JAX vs torchao 0.18, in one process.
 
-torchao's ``choose_qparams_affine`` cannot be installed next to torch 2.13, which ships only the
-abstract ``AffineQuantizedObserverBase``; the torch side is therefore torchao's algorithm in torch's
-eager CPU ops, in torchao's order (view into groups, amin, amax, widen to 0, divide, clamp, round,
-clamp): what torchao runs on CPU. Both sides are checked bit-equal before timing. Reported: medians
+The torch side is torchao's own ``choose_qparams_affine`` (``torchao.quantization.quant_primitives``)
+on the CPU. Both sides are checked bit-equal before timing (same explicit ``eps``). Reported: medians
 of interleaved repeats, and a jitted ``jnp.max`` over the weight (one read of 64 MiB) as the floor.
 Run: ``python benchmarks/granularity_bench.py``.
 """
@@ -11,43 +9,83 @@ Run: ``python benchmarks/granularity_bench.py``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:
+  from benchmarks import common
+except ImportError:  # run as a script
+  import common
 
 import jax_observers as jo
 
 EPS = float(np.finfo(np.float32).eps)
 
 
-def torch_choose_qparams_affine(torch, w, group_size, mapping, qmin, qmax):
-  """torchao's choose_qparams_affine for PerGroup on a 2-D weight, in torch ops."""
-  v = w.view(w.shape[0], w.shape[1] // group_size, group_size)
-  mn, mx = torch.amin(v, dim=[2]), torch.amax(v, dim=[2])
-  min_neg, max_pos = torch.min(mn, torch.zeros_like(mn)), torch.max(mx, torch.zeros_like(mx))
-  if mapping == jo.MappingType.SYMMETRIC:
-    scale = torch.clamp(torch.max(-min_neg, max_pos) / (float(qmax - qmin) / 2), min=EPS)
-    return scale, torch.full_like(scale, int((qmax + qmin + 1) / 2)).to(torch.int32)
-  scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=EPS)
-  zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
-  return scale, zero_point.to(torch.int32)
+def torchao_choose():
+  """torchao's ``choose_qparams_affine`` and its MappingType, or None without torchao."""
+  if common.torch_or_none() is None:
+    return None
+  logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA kernels do not load on a CPU
+  try:
+    from torchao.quantization import quant_primitives as qp
+  except ImportError:
+    return None
+  return qp
 
 
-def median_ms(fns, repeats):
-  """Medians (ms) of ``fns`` run interleaved ``repeats`` times after one warm-up each."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for t, fn in zip(times, fns, strict=True):
-      t0 = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - t0)
-  return [1e3 * float(np.median(t)) for t in times]
+def rows(shape=(4096, 4096), group_size: int = 128, repeats: int = 10) -> list[common.Row]:
+  qp = torchao_choose()
+  w_np = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  w = jax.block_until_ready(jnp.asarray(w_np))
+  floor_fn = jax.jit(jnp.max)
+  group = jo.PerGroup(group_size)
+  out = []
+  for mapping, dtype in (
+    (jo.MappingType.SYMMETRIC, jnp.int4),
+    (jo.MappingType.ASYMMETRIC, jnp.uint4),
+  ):
+    qmin, qmax = int(jnp.iinfo(dtype).min), int(jnp.iinfo(dtype).max)
+    obs = jo.AffineQuantizedMinMaxObserver(
+      mapping_type=mapping, target_dtype=dtype, granularity=group, eps=EPS
+    )
+    ours = {
+      "choose_qparams_affine": jax.jit(
+        lambda w, m=mapping, d=dtype: jo.choose_qparams_affine(w, m, (1, group_size), d, eps=EPS)
+      ),
+      "observer update+qparams": jax.jit(
+        lambda w, obs=obs: obs.calculate_qparams(obs.update(obs.init(w), w))
+      ),
+    }
+    theirs = None
+    if qp is not None:
+      import torch
+
+      w_t = torch.from_numpy(w_np)
+      tmap = getattr(qp.MappingType, mapping.name)
+
+      def theirs(tmap=tmap, qmin=qmin, qmax=qmax, w_t=w_t):
+        return qp.choose_qparams_affine(w_t, tmap, (1, group_size), torch.int8, qmin, qmax, eps=EPS)
+
+      t_scale, t_zp = theirs()
+    for name, fn in ours.items():
+      scale, zero_point = fn(w)
+      note = ""
+      if theirs is not None:
+        equal = np.array_equal(np.asarray(scale).reshape(-1), t_scale.numpy().reshape(-1)) and (
+          np.array_equal(np.asarray(zero_point).reshape(-1), t_zp.numpy().reshape(-1))
+        )
+        note = "bit-equal to torchao" if equal else "DIFFERS FROM TORCHAO"
+      fns = [lambda fn=fn: jax.block_until_ready(fn(w)), lambda: floor_fn(w).block_until_ready()]
+      if theirs is not None:
+        fns.append(theirs)
+      ms = common.median_ms(fns, repeats)
+      label = f"{mapping.name.lower()} {np.dtype(dtype).name} per-group({group_size}) {name}"
+      out.append(common.Row("granularity", label, ms[0], ms[1], ms[2] if theirs else None, note))
+  return out
 
 
 def main():
@@ -57,50 +95,8 @@ def main():
   parser.add_argument("--group-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
-  import torch
-
-  w_np = np.random.default_rng(0).standard_normal((args.rows, args.cols)).astype(np.float32)
-  w, w_t = jnp.asarray(w_np), torch.from_numpy(w_np)
-  print(
-    f"{args.rows}x{args.cols} float32 ({w_np.nbytes / 2**20:.0f} MiB), groups of {args.group_size}"
-    f"; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}"
-    f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-  )
-  floor_fn = jax.jit(jnp.max)
-  (floor,) = median_ms([lambda: floor_fn(w).block_until_ready()], args.repeats)
-  print(f"floor: jitted jnp.max {floor:.2f} ms\n")
-  print(
-    f"{'int4 per-group qparams':<40}{'ours ms':>9}{'/floor':>8}{'torch ms':>10}{'torch/ours':>12}"
-  )
-  group = jo.PerGroup(args.group_size)
-  for mapping, dtype in (
-    (jo.MappingType.SYMMETRIC, jnp.int4),
-    (jo.MappingType.ASYMMETRIC, jnp.uint4),
-  ):
-    qmin, qmax = int(jnp.iinfo(dtype).min), int(jnp.iinfo(dtype).max)
-    obs = jo.AffineQuantizedMinMaxObserver(
-      mapping_type=mapping, target_dtype=dtype, granularity=group
-    )
-    ours = {
-      "choose_qparams_affine": jax.jit(
-        lambda w, m=mapping, d=dtype: jo.choose_qparams_affine(w, m, group, d)
-      ),
-      "observer update+qparams": jax.jit(
-        lambda w, obs=obs: obs.calculate_qparams(obs.update(obs.init(w), w))
-      ),
-    }
-
-    def theirs(mapping=mapping, qmin=qmin, qmax=qmax):
-      return torch_choose_qparams_affine(torch, w_t, args.group_size, mapping, qmin, qmax)
-
-    t_scale, t_zp = theirs()
-    for name, fn in ours.items():
-      scale, zero_point = fn(w)
-      np.testing.assert_array_equal(np.asarray(scale), t_scale.numpy())  # same numbers, bit for bit
-      np.testing.assert_array_equal(np.asarray(zero_point), t_zp.numpy())
-      ms, torch_ms = median_ms([lambda fn=fn: jax.block_until_ready(fn(w)), theirs], args.repeats)
-      label = f"{mapping.name.lower()[:4]} {np.dtype(dtype).name} {name}"
-      print(f"{label:<40}{ms:>9.2f}{ms / floor:>8.2f}{torch_ms:>10.2f}{torch_ms / ms:>12.2f}")
+  print(common.device_description())
+  common.print_rows(rows((args.rows, args.cols), args.group_size, args.repeats))
 
 
 if __name__ == "__main__":
