@@ -270,3 +270,12 @@ __all__ = [
   "to_mx",
   "weight_observer_range_neg_127_to_127",
 ]
+
+
+def __getattr__(name: str):
+  """``jo.qwix`` imports on first use: it needs the optional ``qwix`` package."""
+  if name == "qwix":
+    import importlib
+
+    return importlib.import_module("jax_observers.qwix")
+  raise AttributeError(f"module 'jax_observers' has no attribute {name!r}")
