@@ -28,19 +28,31 @@ torch's symmetric scale is :math:`\max(|m|, |M|) / ((Q_{max} - Q_{min}) / 2)`: f
 range that is the same 127.5 as qwix's :math:`q_{max} + 1/2`. For an observer's QParams
 :math:`(s, Z)` on its grid :math:`[Q_{min}, Q_{max}]` we store ``count = 1`` and
 
-* symmetric qschemes: ``absmax`` :math:`= a`, the float32 next to :math:`127.5\,s` with
-  ``a / 127.5 == s`` in float32 (searched ulp by ulp); the observer's grid
-  :math:`[Q_{min} - Z, Q_{max} - Z]` must be qwix's (qint8 with ``Z = 0`` and quint8 with
-  ``Z = 128`` both are; ``reduce_range`` is not, and raises);
-* affine qschemes: ``min`` :math:`= (Q_{min} - Z)\,s` and ``max`` the float32 next to
-  ``min + 255 s`` with ``(max - min) / 255 == s``; qwix's zero point is then
-  :math:`Z + q_{min} - Q_{min}`. The rule must say ``act_calibration_method="minmax"`` so the PTQ
-  model has a ``*_zero_point`` param (with ``"absmax"`` qwix would drop the zero point).
+* symmetric qschemes: ``absmax`` :math:`= a`, the float32 nearest :math:`127.5\,s` for which
+  qwix's own ``compute_scale_zero_point`` returns :math:`s` (searched ulp by ulp, on the scale's
+  real shape); the observer's grid :math:`[Q_{min} - Z, Q_{max} - Z]` must be qwix's (qint8 with
+  ``Z = 0`` and quint8 with ``Z = 128`` both are; ``reduce_range`` is not, and raises);
+* affine qschemes: ``min`` :math:`= (Q_{min} - Z)\,s` and ``max`` the float32 nearest
+  ``min + 255 s`` for which qwix returns :math:`s` and the zero point :math:`Z + q_{min} - Q_{min}`
+  (``Z - 128`` for quint8). The rule must say ``act_calibration_method="minmax"`` so the PTQ model
+  has a ``*_zero_point`` param (with ``"absmax"`` qwix would drop the zero point, so that raises).
 
-So qwix's scale equals ``calculate_qparams``'s bit for bit: torch computes every scale as a float32
-division by 127.5 (or 255), whose result always has such a preimage. The quantized values agree up
-to ties: torch rounds ``x / s`` and adds ``Z``; qwix rounds ``x / s + z`` (half to even), which can
-differ by one code when ``x / s`` is exactly half-way and ``z`` is odd.
+Zero points always map exactly. Scales map bit for bit whenever qwix's arithmetic can produce them
+at all. It cannot always: on XLA:CPU (jax 0.10.2) qwix's eager float32 divisions by 127.5 and 255
+run as multiplications by the rounded reciprocal, except for a one-element ``absmax``. So:
+
+==========================  =====================  ===========================================
+qscheme                     qwix scale shape       qwix scale == ``calculate_qparams().scale``
+==========================  =====================  ===========================================
+symmetric                   one element ``(1,1)``  always (torch's ``amax / 127.5`` is qwix's)
+symmetric                   several (per position) bit for bit, else 1 ulp off (~0.5% of scales)
+affine                      any                    bit for bit, else 1 ulp off (0.4%-2.5%)
+==========================  =====================  ===========================================
+
+"1 ulp off" is the nearest scale qwix can represent (a relative error below 1.2e-7), for scales
+that no ``quant_stats`` can make qwix compute. The quantized values then agree up to ties: torch
+rounds ``x / s`` and adds ``Z``; qwix rounds ``x / s + z`` (half to even), which can differ by one
+code when ``x / s`` is exactly half-way and ``z`` is odd.
 
 **Granularity.** qwix keeps one activation scale per position of the op input's non-contracting
 axes after a mean over ``act_batch_axes`` (default ``(0,)``): for a ``(B, K)`` Dense input the
@@ -49,7 +61,9 @@ observer's scale is broadcast to that shape (one scale for every position, as qw
 ``act_batch_axes=(0, 1)``); a per-channel observer (``ch_axis``) fills it when its channels are
 that axis, e.g. ``ch_axis=1`` for ``(1, S, 1)``. Observers see the raw inputs: qwix's statistic is
 a *mean over batches of per-example* absmax, jo's are torch's (a running min/max, a histogram over
-every value).
+every value). qwix's own ``QtProvider`` calibration runs the quantized model, so its downstream
+inputs carry upstream quantization error; :func:`calibrate` observes the float model, as torch's
+prepare/convert does.
 
 **What qwix 0.1.8 cannot do** (stated, not worked around):
 
@@ -57,9 +71,11 @@ every value).
   ``variable_axes={"params": 0, "quant_stats": 0}``) stacks the stats to ``count: (L,)``, and
   ``qwix.quantize_params`` then fails in ``if quant_stat['count'] == 0:`` with
   ``ValueError: The truth value of an array with more than one element is ambiguous. Use a.any()
-  or a.all()``; without stats, ``ptq.apply`` fails with ``flax.errors.ScopeParamNotFoundError:
-  Could not find parameter named "dot_general0_lhs_scale" in scope "/Dense_0"``. Scanned layers
-  have no static-scale PTQ in qwix, so :func:`calibrate` does not offer one either.
+  or a.all()``. Even weight-only PTQ (``weight_qtype="int8"``, no activation rule) of the scanned
+  block fails in ``ptq.apply`` with ``ValueError: scan got `length` argument of 3 which disagrees
+  with leading axis sizes [3, 3, 1].`` (``quantize_params`` gives the stacked kernel a per-layer
+  scale without the layer axis). Scanned layers have no PTQ in qwix, so :func:`calibrate` raises
+  ``NotImplementedError`` for them rather than patching qwix's internals.
 * histogram, percentile, MSE or entropy ranges, running min/max: what this module adds.
 * asymmetric activations other than int8/int4, and integer grids for float8/nf4/mx qtypes (they
   have no zero point): those raise here.
@@ -197,8 +213,25 @@ def calibrate(
   states, configs = observe(
     model, rules, params, itertools.chain([first], batches), observer=observer, observers=observers
   )
+  return to_quant_stats(model, rules, states, configs, *_args(first))
+
+
+def to_quant_stats(model: nn.Module, rules: Sequence[Any], states, configs, *args) -> dict:
+  """qwix ``quant_stats`` from :func:`observe`'s ``(states, configs)`` (the second half of calibrate).
+
+  Args:
+    model: the float model.
+    rules: the PTQ rules.
+    states: the observer states from :func:`observe`.
+    configs: the observer configs from :func:`observe`.
+    *args: a sample input (one batch's positional args), to trace qwix's PTQ model for its
+      static scales' shapes and qtypes.
+
+  Returns:
+    The quant_stats, as :func:`calibrate`.
+  """
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(ptq.init, jax.random.key(0), *_args(first))["params"]
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), *args)["params"]
   out, compiled = {}, {}
   for (path, name), (shape, qtype, has_zp) in qwix_bridge.static_scales(abstract).items():
     where = "/".join((*path, name))
@@ -260,4 +293,4 @@ def _get(tree: Mapping, path: Sequence[str]) -> Mapping:
   return tree
 
 
-__all__ = ["COLLECTION", "calibrate", "observe", "quant_stat"]
+__all__ = ["COLLECTION", "calibrate", "observe", "quant_stat", "to_quant_stats"]
