@@ -1,5 +1,11 @@
-"""Strict test settings: 8 host devices, rank promotion raises, warnings are errors (pyproject)."""
+"""Strict test settings: 8 host devices, rank promotion raises, warnings are errors (pyproject).
 
+``pytest --without-torch`` makes torch, torchao and onnxruntime unimportable for the run: what is
+left is the torch-free core suite (conformance, numerics against NumPy references, Flax), which CI
+runs on its own so that a stray oracle import in the core fails there.
+"""
+
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -11,9 +17,34 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Test helpers (tests/torch_oracle.py) import by name under --import-mode=importlib.
+# Test helpers (tests/torch_oracle.py, tests/registry.py) import by name under --import-mode=importlib.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
 
-# In CI the torch parity tests must run, not skip.
-if os.environ.get("CI") and importlib.util.find_spec("torch") is None:
-  raise RuntimeError("CI is set but torch is not installed: pip install torch==2.13.0")
+ORACLES = ("torch", "torchao", "onnxruntime")
+
+
+class _BlockOracles(importlib.abc.MetaPathFinder):
+  """Refuses the oracle packages, as if they were not installed."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ORACLES:
+      raise ModuleNotFoundError(f"No module named {name!r} (pytest --without-torch)", name=name)
+    return None
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--without-torch",
+    action="store_true",
+    help="make torch, torchao and onnxruntime unimportable: run the torch-free core suite",
+  )
+
+
+def pytest_configure(config):
+  if config.getoption("--without-torch"):
+    if any(name.split(".")[0] in ORACLES for name in sys.modules):
+      raise RuntimeError("--without-torch: an oracle package was imported before the tests started")
+    sys.meta_path.insert(0, _BlockOracles())
+  elif os.environ.get("CI") and importlib.util.find_spec("torch") is None:
+    # In CI the torch parity tests must run, not skip.
+    raise RuntimeError("CI is set but torch is not installed: pip install torch==2.13.0")
