@@ -71,9 +71,13 @@ class FixedQParamsObserver(Observer):
     )
 
   def update(self, state: FixedQParamsState, x=None, *, axis_name=None) -> FixedQParamsState:
+    self._check(state, "update")
     return state
 
-  def calculate_qparams(self, state: FixedQParamsState) -> QParams:
+  def _check(self, state, method: str) -> None:
     fields = {"scale": ((), jnp.float32), "zero_point": ((), jnp.int32)}
-    check_state(self, state, FixedQParamsState, "calculate_qparams", fields)
+    check_state(self, state, FixedQParamsState, method, fields)
+
+  def calculate_qparams(self, state: FixedQParamsState) -> QParams:
+    self._check(state, "calculate_qparams")
     return QParams(scale=state.scale, zero_point=state.zero_point)

@@ -27,7 +27,7 @@ from jax import lax
 from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_serialization, numerics
 from jax_observers._src import granularity as gran
-from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 from jax_observers._src.readable import ReadableRepr
 
 FP8_DTYPES = tuple(
@@ -99,6 +99,7 @@ def accumulate_amax(observer, state, x, *, axis_name, config: str):
   name = type(observer).__name__
   x = aq.float_input(x, name)
   layout = observer.layout(x)
+  check_state(observer, state, AmaxState, "update", {"amax": (None, jnp.float32)})
   if jnp.shape(state.amax) != layout.state_shape:
     raise ValueError(
       f"{name}({config}) has state of shape {jnp.shape(state.amax)} but x of shape "
@@ -151,6 +152,7 @@ class Float8Observer(Observer):
   ignore_nonfinite: bool = False
 
   def __post_init__(self):
+    python_scalars(self)
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype, allowed=FP8_DTYPES))
     if not isinstance(self.granularity, gran.Granularity):
       raise ValueError(f"granularity={self.granularity!r} is not a jo.Granularity.")
@@ -174,6 +176,7 @@ class Float8Observer(Observer):
     return accumulate_amax(self, state, x, axis_name=axis_name, config=str(self.granularity))
 
   def calculate_qparams(self, state: AmaxState) -> QParams:
+    check_state(self, state, AmaxState, "calculate_qparams", {"amax": (None, jnp.float32)})
     scale = float8_scale_from_amax(
       state.amax, self.dtype, eps=self.eps, hp_value_ub=self.hp_value_ub
     )

@@ -31,7 +31,7 @@ from flax import struct
 
 from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_serialization, fp8, numerics
-from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 from jax_observers._src.readable import ReadableRepr
 
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -84,6 +84,7 @@ class Float8DelayedScalingObserver(Observer):
   ignore_nonfinite: bool = False
 
   def __post_init__(self):
+    python_scalars(self)
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype, allowed=fp8.FP8_DTYPES))
     n = self.history_len
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -94,6 +95,14 @@ class Float8DelayedScalingObserver(Observer):
       )
     if isinstance(self.margin, bool) or not isinstance(self.margin, int):
       raise ValueError(f"margin={self.margin!r} must be an int (the scale is 2**margin apart).")
+
+  def check_state(self, state, method: str) -> None:
+    """At trace time: a :class:`DelayedScalingState` of ``history_len`` (ValueError otherwise)."""
+    fields = {
+      "amax_history": ((self.history_len,), jnp.float32),
+      "scale": ((), jnp.float32),
+    }
+    check_state(self, state, DelayedScalingState, method, fields)
 
   def init(self, x=None) -> DelayedScalingState:
     if x is not None:
@@ -108,6 +117,7 @@ class Float8DelayedScalingObserver(Observer):
     A batch with no values (empty, or all skipped) leaves the state as it was.
     """
     x = aq.float_input(x, type(self).__name__)
+    self.check_state(state, "update")
     if jnp.shape(state.amax_history) != (self.history_len,):
       raise ValueError(
         f"{type(self).__name__}(history_len={self.history_len}) got a history of shape "
@@ -128,6 +138,7 @@ class Float8DelayedScalingObserver(Observer):
 
   def calculate_qparams(self, state: DelayedScalingState) -> QParams:
     """The scale for the next batch, zero point 0."""
+    self.check_state(state, "calculate_qparams")
     return QParams(scale=state.scale, zero_point=jnp.zeros((), jnp.int32))
 
   def quantize(self, x: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:

@@ -31,7 +31,7 @@ from jax import lax
 from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_serialization, fp8
 from jax_observers._src import granularity as gran
-from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 
 
 class ScaleCalculationMode(enum.Enum):
@@ -195,6 +195,7 @@ class MXObserver(Observer):
   ignore_nonfinite: bool = False
 
   def __post_init__(self):
+    python_scalars(self)
     dtype = canonical_dtype(self.elem_dtype, allowed=MX_ELEMENT_FORMATS, arg="elem_dtype")
     object.__setattr__(self, "elem_dtype", dtype)
     gran.PerGroup(self.block_size)  # validates block_size
@@ -228,6 +229,7 @@ class MXObserver(Observer):
 
   def calculate_qparams(self, state: fp8.AmaxState) -> QParams:
     """Scales :math:`2^k` as float32, zero point 0."""
+    check_state(self, state, fp8.AmaxState, "calculate_qparams", {"amax": (None, jnp.float32)})
     scale = e8m0_to_float32(self.exponents(state))
     return QParams(scale=scale, zero_point=jnp.zeros(scale.shape, jnp.int32))
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import struct
 
-from jax_observers._src.base import FLOAT32_EPS, Observer, QScheme, canonical_dtype
+from jax_observers._src.base import FLOAT32_EPS, Observer, QScheme, canonical_dtype, check_state
 from jax_observers._src.readable import ReadableRepr
 
 
@@ -25,6 +25,7 @@ class _Stateless(Observer):
     return EmptyState()
 
   def update(self, state: EmptyState, x=None, *, axis_name=None) -> EmptyState:
+    check_state(self, state, EmptyState, "update", {})
     return state
 
 

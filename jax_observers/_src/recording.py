@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from jax_observers._src.base import Observer, canonical_dtype
+from jax_observers._src.base import Observer, canonical_dtype, check_state
 from jax_observers._src.readable import ReadableRepr
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -62,6 +62,7 @@ class RecordingObserver(Observer):
 
   def update(self, state: RecordingState, x, *, axis_name=None) -> RecordingState:
     x = jnp.asarray(lax.stop_gradient(x))
+    check_state(self, state, RecordingState, "update", {"count": ((), jnp.int32)})
     if axis_name is not None:
       x = lax.all_gather(x, axis_name, axis=0, tiled=True)
     expected = state.tensor_val.shape[1:]
