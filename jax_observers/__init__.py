@@ -1,6 +1,7 @@
 """jax_observers: quantization observers for JAX and Flax, bit-exact with torch.ao.quantization."""
 
 from jax_observers import linen, nnx, plot
+from jax_observers._src import export as _export
 from jax_observers._src.affine import (
   AffineQuantizedMinMaxObserver,
   AffineQuantizedMovingAverageMinMaxObserver,
@@ -270,6 +271,20 @@ __all__ = [
   "to_mx",
   "weight_observer_range_neg_127_to_127",
 ]
+
+
+_export.register(
+  AmaxState,
+  DelayedScalingState,
+  EmptyState,
+  FakeQuantizeState,
+  FixedQParamsState,
+  HistogramState,
+  LearnableFakeQuantizeState,
+  MinMaxState,
+  QParams,
+  RecordingState,
+)
 
 
 def __getattr__(name: str):
