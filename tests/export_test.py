@@ -5,8 +5,6 @@ import jax
 import pytest
 from registry import CASES, batches, qparams_or_none
 
-import jax_observers as jo
-
 # These reach the host through jax.pure_callback, which jax.export cannot serialize yet (issue 11:
 # a device-native search): torch's L2 search in calculate_qparams, and fbgemm's kernel qparams in
 # every fused update. The rest of their step is pinned to fail loudly, not silently.
