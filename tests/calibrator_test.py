@@ -1,5 +1,6 @@
 """Histogram calibrators vs NumPy references of the published algorithms, and calibrators.md §9."""
 
+import fractions
 import itertools
 
 import jax
@@ -22,7 +23,8 @@ def _entropy(p, q):
 
 
 def ref_percentile(hist, edges, lo, hi, p, symmetric):
-  """ModelOpt `_compute_amax_percentile` / ORT `compute_percentile` (clamped, ORT)."""
+  """ModelOpt `_compute_amax_percentile` / ORT `compute_percentile` (clamped, ORT); float64, so
+  only for data without exact ties (ORT itself: tests/ort_parity_test.py)."""
   cdf = np.cumsum(hist / hist.sum())
   if symmetric:
     amax = edges[np.searchsorted(cdf, p / 100)]
@@ -288,3 +290,27 @@ def test_section9_reference_values():
   # ModelOpt entropy 11.879 (pow2 grid: bins of 64/2048).
   ent = jo.HistogramEntropyObserver()
   assert abs(float(ent.clip_range(run(ent))[1]) - 11.879) < 4 * 64 / 2048
+
+
+def test_percentile_breaks_exact_ties_in_integer_arithmetic():
+  """qN an integer reached exactly: the clip is that bin (a float32 q N, or a float64 running CDF,
+  can move to the next non-empty bin). Counts beyond float32's 2**24 stay exact."""
+  from jax_observers._src import calibrators_search as search
+
+  edges = jnp.arange(9, dtype=jnp.float32)
+  for p, hist in (
+    (99.99, [99794, 0, 196, 0, 0, 10, 0, 0]),  # C_2 = 99990 = 0.9999 * 1e5
+    (90.0, [3, 6, 0, 0, 1, 0, 0, 0]),  # C_1 = 9 = 0.9 * 10
+    (99.99, [2**30, 2**30 - 214749, 0, 214748, 1, 0, 0, 0]),  # N = 2**31: C_3 = qN - ... exact
+  ):
+    h = np.array(hist, np.int64)
+    q = fractions.Fraction(repr(p)) / 100
+    cum = np.cumsum(h)
+    want = int(np.argmax([fractions.Fraction(int(c)) >= q * int(cum[-1]) for c in cum]))
+    for dtype in (jnp.int32, jnp.float32):
+      if dtype == jnp.float32 and cum[-1] > 2**24:
+        continue
+      _, hi = search.percentile_range(
+        jnp.asarray(h, dtype), edges, 0.0, 8.0, percentile=p, symmetric=True
+      )
+      assert float(hi) == want, (p, hist, dtype)

@@ -456,8 +456,8 @@ def test_int32_codes_do_not_wrap_and_torchaos_top_clamp_is_pinned():
   # quantize to int32: torchao's clamp bound 2**31 - 1 is 2**31 in float32 and wraps to INT_MIN
   x = np.array([3e9, -3e9, 5.0], np.float32)
   ours = jo.quantize_affine(x, (3,), np.float32(1.0), np.int32(0), jnp.int32)
-  theirs = tq.quantize_affine(torch.from_numpy(x), (3,), torch.ones(()), torch.zeros((), dtype=torch.int32),
-                              torch.int32)  # fmt: skip
+  zero = torch.zeros((), dtype=torch.int32)
+  theirs = tq.quantize_affine(torch.from_numpy(x), (3,), torch.ones(()), zero, torch.int32)
   assert np.asarray(ours).tolist() == [2**31 - 1, -(2**31), 5]
   assert theirs.tolist() == [-(2**31), -(2**31), 5]  # the deviation jo keeps (saturation)
 
@@ -490,8 +490,13 @@ def test_enums_and_block_sizes_are_torchaos():
     (m.name, m.value) for m in tq.MappingType if m.name in jo.MappingType.__members__
   ]
   assert [d.name for d in jo.ZeroPointDomain] == [d.name for d in tq.ZeroPointDomain]
-  for shape, g in (((2, 256, 256), jo.PerBlock((128, 128))), ((4, 6, 8), jo.PerGroup(4)),
-                   ((4, 6, 8), jo.PerRow(1)), ((3, 5), jo.PerAxis(-1)), ((2, 3, 8), jo.PerToken())):  # fmt: skip
+  for shape, g in (
+    ((2, 256, 256), jo.PerBlock((128, 128))),
+    ((4, 6, 8), jo.PerGroup(4)),
+    ((4, 6, 8), jo.PerRow(1)),
+    ((3, 5), jo.PerAxis(-1)),
+    ((2, 3, 8), jo.PerToken()),
+  ):
     assert jo.get_block_size(shape, g) == tuple(get_block_size(shape, torchao_granularity(g)))
 
 

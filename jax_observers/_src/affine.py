@@ -23,11 +23,12 @@ The torchao 0.18 counterparts: :class:`AffineQuantizedMinMaxObserver` is
 domains are deprecated and computes ``choose_qparams_affine_with_min_max`` regardless (zero kept,
 integer zero point); jo computes what the split functions give for those arguments
 (``_choose_qparams_affine_dont_preserve_zero``, ``_choose_qparams_affine_tinygemm``, see
-:mod:`affine_qparams`). :class:`AffineQuantizedMovingAverageMinMaxObserver` exists in torchao 0.18
-only as ``torchao.quantization.pt2e._affine_quantization.AffineQuantizedMovingAverageMinMaxObserver``,
-whose default ``eps`` is ``finfo(float32).eps``: jo keeps that default for it. Both compute the state
-in float32; torchao's state has the input's dtype (the same values for bfloat16 inputs, whose min
-and max are exact in float32, but torchao's qparams are then computed in bfloat16).
+:mod:`affine_qparams`). :class:`AffineQuantizedMovingAverageMinMaxObserver` is torchao 0.18's
+``AffineQuantizedMovingAverageMinMaxObserver``, which exists only in the pt2e copy
+(``torchao.quantization.pt2e._affine_quantization``), whose default ``eps`` is
+``finfo(float32).eps``: jo keeps that default for it. Both compute the state in float32; torchao's
+state has the input's dtype (the same values for bfloat16 inputs, whose min and max are exact in
+float32, but torchao's qparams are then computed in bfloat16).
 """
 
 from __future__ import annotations

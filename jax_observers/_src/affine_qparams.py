@@ -1,4 +1,4 @@
-r"""torchao's ``choose_qparams_affine`` family: per-block (min, max) to (scale, zero_point), bit for bit.
+r"""torchao's ``choose_qparams_affine`` family: per-block (min, max) to (scale, zero point), exactly.
 
 With :math:`m^- = \min(m, 0)`, :math:`M^+ = \max(M, 0)` (``preserve_zero``; else :math:`m, M` as
 they are), :math:`[q_{min}, q_{max}]` the target range and every step one float32 rounding:

@@ -7,6 +7,15 @@ turns it into a clipping range :math:`[l, h]` with a named published method
 (:math:`s = (h^+ - l^-)/(q_{max} - q_{min})`, or the symmetric one).
 The default ``range_policy='pow2'`` makes the state independent of the batch split; ``'torch'``
 re-bins like torch's ``HistogramObserver``. NaN and :math:`\pm\infty` are never counted.
+
+**Whose semantics.** The searches are the published ones, bit for bit on the same histogram
+(tested live against ONNX Runtime 1.32's ``HistogramCollector`` fed jo's histogram); the grids
+are torch's / ModelOpt's, not ONNX Runtime's. With ``range_policy='torch'`` the grid is
+``[min, max]`` for ``x`` (torch's ``HistogramObserver``), ``[0, max|x|]`` for ``|x|`` (ModelOpt's
+``HistogramCalibrator.collect``, ``torch.histc``) and ``[-max|x|, max|x|]`` for the symmetric one
+(ORT's ``collect_value``); ``'pow2'`` puts the same ranges on a power-of-two grid. ORT's
+``collect_absolute_value`` grid (symmetric percentile) starts at ``min|x|`` instead of 0, and ORT
+silently drops later values below the first batch's ``min|x|`` (an ORT bug jo does not copy).
 """
 
 from __future__ import annotations
@@ -144,12 +153,26 @@ class _HistogramCalibrator(UniformObserver):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HistogramPercentileObserver(_HistogramCalibrator):
-  r"""Percentile clipping read from the histogram CDF (ModelOpt / ONNX Runtime).
+  r"""Percentile clipping read from the histogram CDF (ModelOpt's / ONNX Runtime's rule, exact).
 
-  Symmetric qschemes histogram :math:`|x|` and clip at :math:`\pm e_{j^\ast}`, the lower edge of the
-  first bin whose CDF reaches ``percentile``/100 (ModelOpt's ``amax``, ORT ``symmetric=True``);
-  affine ones histogram :math:`x` and cut :math:`(100 - p)/200` on each side (ORT
-  ``symmetric=False``). The range is clamped to the observed ``[min_val, max_val]`` (ORT).
+  The rule is ModelOpt's ``HistogramCalibrator`` ``_compute_amax_percentile`` and ORT's
+  ``HistogramCollector.compute_percentile``: the lower edge :math:`e_{j^\ast}` of the first bin
+  whose cumulative count reaches the fraction, :math:`j^\ast = \min\{j : C_j \ge qN\}`. Symmetric
+  qschemes histogram :math:`|x|` and clip at :math:`\pm e_{j^\ast}` with :math:`q = p/100`
+  (ModelOpt's ``amax``, ORT ``symmetric=True``); affine ones histogram :math:`x` and cut
+  :math:`(100 - p)/200` on each side (ORT ``symmetric=False``). The range is clamped to the
+  observed ``[min_val, max_val]`` (ORT).
+
+  **Ties are broken exactly**: :math:`p` is read as the decimal it was written as, and
+  :math:`C_j \ge qN` is decided in integer arithmetic (float-float for fractional re-binned counts),
+  so when :math:`qN` is an integer reached by some :math:`C_j` the clip is that bin, the order
+  statistic of rank :math:`qN`. ORT and ModelOpt compare a float64 running sum
+  ``cumsum(h / N)`` with ``q``, which at such a tie can fall an ulp short and move to the next
+  non-empty bin; elsewhere all three agree.
+
+  **The grid is ModelOpt's / torch's, not ORT's**: ``|x|`` is histogrammed from 0 (ModelOpt); ORT's
+  symmetric grid starts at ``min|x|``, and ORT drops later values below batch 1's ``min|x|``. The
+  affine grid is torch's ``[min, max]`` where ORT's is ``[-max|x|, max|x|]``.
 
   Args:
     percentile: in (0, 100]; ModelOpt's default 99.99 (ORT's is 99.999).
@@ -187,7 +210,9 @@ class HistogramPercentileObserver(_HistogramCalibrator):
 class HistogramMSEObserver(_HistogramCalibrator):
   r"""The clip :math:`t\,[m^-, M^+]`, :math:`t = k/\mathrm{steps}`, of least modelled squared error.
 
-  The error of torch's quantizer for each candidate (its own scale and zero point, clipping
+  jo's own method on torchao's candidates: torchao's ``AffineQuantizedMSEObserver.line_search``
+  evaluates the same ``t = k/steps`` grid on the data of the last batch (and overwrites its range
+  at every ``forward``); here the error is read from the histogram of every batch. The error of torch's quantizer for each candidate (its own scale and zero point, clipping
   included) is integrated over every bin in closed form, assuming the bin's values uniform in it
   (torch's L2 model) instead of ModelOpt's bin centres. Symmetric qschemes use
   :math:`\pm t \max(-m, M)` (torchao's ``AffineQuantizedMSEObserver`` candidates, ``steps=100``).
@@ -218,6 +243,11 @@ _ENTROPY_VARIANTS = ("tensorrt", "onnxruntime", "mxnet")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HistogramEntropyObserver(_HistogramCalibrator):
   r"""KL-divergence (entropy) calibration, TensorRT or MXNet/ONNX Runtime semantics.
+
+  The search is the named library's, on jo's histogram (the grids: module doc). ``'onnxruntime'``
+  on ``range_policy='torch'`` histograms ``[-max|x|, max|x|]`` as ORT's ``collect_value`` does, so a
+  single batch (or batches whose first holds the largest ``|x|``) gives ORT's grid; the divergences
+  are float32 where ORT's are float64, so a near-tie can pick a neighbouring candidate.
 
   * ``variant='tensorrt'`` (ModelOpt ``_compute_amax_entropy``): histogram of :math:`|x|`,
     ``bins[0] = bins[1]``, candidates ``i = start_bin, start_bin + stride, ... bins``, the last

@@ -2,8 +2,10 @@ r"""Clipping-range searches on one histogram ``h`` (``[B]``) with bin edges ``e`
 
 Every function is static-shape jnp code for one histogram; callers ``vmap`` it over channels.
 
-* :func:`percentile_range`: ModelOpt/ONNX Runtime. With :math:`F_j = \sum_{i \le j} h_i / N`,
-  :math:`j^\ast = \min\{j : F_j \ge p\}` and the clip is the bin's lower edge :math:`e_{j^\ast}`.
+* :func:`percentile_range`: ModelOpt's ``_compute_amax_percentile`` / ONNX Runtime's
+  ``HistogramCollector.compute_percentile``. With :math:`C_j = \sum_{i \le j} h_i`,
+  :math:`N = C_{B-1}` and :math:`q = p / 100`, :math:`j^\ast = \min\{j : C_j \ge q N\}` and the clip is the bin's lower
+  edge :math:`e_{j^\ast}`. The comparison is exact (see :func:`percentile_index`).
 * :func:`mse_range`: candidates :math:`t_k = k/K` of the observed range; the error of torch's
   quantizer is integrated in closed form over each bin, values uniform in the bin (torch's L2 model):
   :math:`\sum_j \frac{h_j}{e_{j+1}-e_j} s^3 \int_{u_j}^{u_{j+1}} (u - \mathrm{clip}(\mathrm{rne}\,u))^2 du`.
@@ -18,6 +20,8 @@ resolve to a neighbouring candidate.
 """
 
 from __future__ import annotations
+
+import fractions
 
 import jax
 import jax.numpy as jnp
@@ -42,22 +46,109 @@ def _kl(p: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.sum(terms)
 
 
+_LIMB_BITS, _LIMBS = 12, 5  # five 12-bit limbs: exact integers below 2**60
+_MASK = (1 << _LIMB_BITS) - 1
+
+
+def _carry(columns) -> list[jax.Array]:
+  """Column sums (int32, each < 2**30) to normalised 12-bit limbs, least significant first."""
+  out, carry = [], 0
+  for column in columns:
+    value = column + carry
+    out.append(value & _MASK)
+    carry = value >> _LIMB_BITS
+  return out
+
+
+def _times(limbs, constant: int) -> list[jax.Array]:
+  """The limbs of ``limbs * constant`` (a Python int < 2**60): products < 2**24, <= 5 a column."""
+  c = [(constant >> (_LIMB_BITS * k)) & _MASK for k in range(_LIMBS)]
+  columns = [
+    sum(limbs[i] * c[k - i] for i in range(_LIMBS) if 0 <= k - i < _LIMBS)
+    for k in range(2 * _LIMBS)
+  ]
+  return _carry(columns)
+
+
+def _at_least(x, y) -> jax.Array:
+  """``x >= y`` for numbers given as equally many normalised limbs (compared from the top)."""
+  order = jnp.zeros(jnp.shape(x[0]), jnp.int32)
+  for xk, yk in zip(reversed(x), reversed(y), strict=True):
+    order = jnp.where(order == 0, jnp.sign(xk - yk), order)
+  return order >= 0
+
+
+def _reached_exact(counts, q: fractions.Fraction) -> jax.Array:
+  """``C_j >= q N`` for int32 counts >= 0, as ``C_j den >= num N`` in 60-bit integers."""
+  c = counts.astype(jnp.int32)
+  pieces = (c & _MASK, (c >> _LIMB_BITS) & _MASK, c >> (2 * _LIMB_BITS))
+  zero = jnp.zeros_like(c)
+  cum = _carry([jnp.cumsum(v) for v in pieces] + [zero] * (_LIMBS - len(pieces)))
+  total = [jnp.broadcast_to(v[-1], v.shape) for v in cum]
+  return _at_least(_times(cum, q.denominator), _times(total, q.numerator))
+
+
+def _reached_float(counts, q: fractions.Fraction) -> jax.Array:
+  """``C_j >= q N`` for fractional float32 counts, in float-float (about 2**-44 relative)."""
+
+  def step(acc, v):
+    s, e = numerics.two_sum(acc[0], v)
+    acc = numerics.two_sum(s, acc[1] + e)
+    return acc, acc
+
+  zero = jnp.zeros((), jnp.float32)
+  _, (hi, lo) = lax.scan(step, (zero, zero), counts.astype(jnp.float32))
+  qh = np.float32(q)
+  ql = np.float32(q - fractions.Fraction(float(qh)))
+  th, tl = numerics.two_prod(qh, hi[-1])
+  tl = tl + numerics.rounded(qh * lo[-1]) + numerics.rounded(ql * hi[-1])
+  s, e = numerics.two_sum(hi, -th)
+  return s + (e + (lo - tl)) >= 0
+
+
+def percentile_index(hist, q: fractions.Fraction) -> jax.Array:
+  """The first bin whose cumulative count reaches ``q`` of the total: ``min{j : C_j >= q N}``.
+
+  Exact for integer counts (the ``'pow2'`` policy's int32 histogram, or float32 counts that are
+  all whole numbers): ``C_j q_d >= q_n N`` in 60-bit integer arithmetic on 12-bit limbs. So at a tie
+  (:math:`qN` an integer and some :math:`C_j = qN`) the clip is the bin of the order statistic of
+  rank :math:`qN`. ORT's and ModelOpt's ``searchsorted(cumsum(h / N), q)`` compare a float64 running
+  sum, which can land one ulp below :math:`q` at a tie and then pick the next non-empty bin.
+  Fractional counts (``'torch'`` re-binning) are compared in float-float.
+  """
+  if jnp.issubdtype(hist.dtype, jnp.integer):
+    reached = _reached_exact(hist, q)
+  else:
+    whole = jnp.all((hist == jnp.round(hist)) & (hist < 2.0**31))
+    counts = jnp.where(whole, hist, 0).astype(jnp.int32)
+    reached = jnp.where(whole, _reached_exact(counts, q), _reached_float(hist, q))
+  return jnp.argmax(reached)
+
+
+def as_fraction(percentile) -> fractions.Fraction:
+  """The percentile as the decimal it was written as (its shortest repr), an exact fraction."""
+  p = fractions.Fraction(repr(float(percentile)))
+  if p.denominator >= 2**55:  # more digits than 60-bit products allow
+    p = p.limit_denominator(2**55 - 1)
+  return p
+
+
 def percentile_range(hist, edges, min_val, max_val, *, percentile: float, symmetric: bool):
   """``(lo, hi)``: ModelOpt/ORT percentile clip, clamped to the observed range (ORT).
 
-  ``symmetric``: ``hist`` is of ``|x|``, the clip is ``(-e[j], e[j])`` (ModelOpt's ``amax``).
-  Otherwise ``hist`` is of ``x`` and ``(100 - p)/200`` of the mass is cut on each side.
+  ``symmetric``: ``hist`` is of ``|x|``, the clip is ``(-e[j], e[j])`` with ``q = p / 100``
+  (ModelOpt's ``amax``, ORT ``symmetric=True``). Otherwise ``hist`` is of ``x`` and
+  ``(100 - p) / 200`` of the mass is cut on each side (ORT ``symmetric=False``); all three fractions
+  are exact (:func:`as_fraction`, :func:`percentile_index`).
   """
-  csum = jnp.cumsum(hist.astype(jnp.float32))
-  total = csum[-1]
-  q = percentile / 100.0
+  p = as_fraction(percentile)
   if symmetric:
-    amax = edges[jnp.searchsorted(csum, np.float32(q) * total, side="left")]
+    amax = edges[percentile_index(hist, p / 100)]
     lo, hi = -amax, amax
   else:
-    cut = (100.0 - percentile) / 200.0
-    lo = edges[jnp.searchsorted(csum, np.float32(cut) * total, side="left")]
-    hi = edges[jnp.searchsorted(csum, np.float32(1.0 - cut) * total, side="left")]
+    cut = (100 - p) / 200
+    lo = edges[percentile_index(hist, cut)]
+    hi = edges[percentile_index(hist, 1 - cut)]
   return jnp.maximum(lo, min_val), jnp.minimum(hi, max_val)
 
 
