@@ -483,6 +483,15 @@ def test_bf16_inputs_are_computed_in_float32():
                                        0, 15)  # fmt: skip
   assert native.dtype == torch.bfloat16 and same(qp.scale, as_f32)
   assert not same(qp.scale, native)  # the deviation: torchao's bfloat16 roundings
+  # quantize with a bfloat16 scale: torchao computes x * (1 / s) in bfloat16, jo in float32
+  zp = torch.from_numpy(np.array(qp.zero_point))
+  bf16_scale = native
+  codes = tq.quantize_affine(t, (1, 32), bf16_scale, zp, torch.uint8, 0, 15).numpy()
+  f32_codes = tq.quantize_affine(t, (1, 32), bf16_scale.float(), zp, torch.uint8, 0, 15).numpy()
+  ours = jo.quantize_affine(xj, jo.PerGroup(32), jnp.asarray(bf16_scale.float().numpy()),
+                            qp.zero_point, jnp.uint4)  # fmt: skip
+  assert np.array_equal(np.asarray(ours).astype(np.uint8), f32_codes)
+  assert not np.array_equal(f32_codes, codes)
 
 
 def test_enums_and_block_sizes_are_torchaos():
@@ -539,3 +548,48 @@ def test_padding_gives_torchaos_qparams_of_the_zero_padded_weight():
   shifted = w + 100
   state = obs.update(obs.init(shifted), shifted)
   assert np.array_equal(np.asarray(state.min_val[:, 1]), shifted[:, 128:].min(axis=1))
+
+
+def test_choose_qparams_affine_with_min_max_matches_torchao():
+  """torchao 0.18's ``choose_qparams_affine_with_min_max`` on random ranges (zero kept, INT)."""
+  rng = np.random.default_rng(12)
+  counts = collections.Counter()
+  for _ in range(30):
+    case = random_case(rng)
+    lo = random_input(rng, case["kind"], (16,))
+    hi = lo + np.abs(random_input(rng, case["kind"], (16,)))
+    mapping = getattr(tq.MappingType, case["mapping"].name)
+    scale, zp = tq.choose_qparams_affine_with_min_max(
+      torch.from_numpy(lo), torch.from_numpy(hi), mapping, [], case["tdtype"], *case["qrange"],
+      case["eps"],
+    )  # fmt: skip
+    qp = jo.choose_qparams_affine_with_min_max(
+      lo, hi, case["mapping"], *_jo_args(case), case["eps"]
+    )
+    counts["cases"] += 1
+    if same(qp.scale, scale) and same(qp.zero_point, zp):
+      counts["bit-equal"] += 1
+    else:
+      assert subnormal_only(qp.scale, scale), case
+      counts[FTZ] += 1
+  REPORT["choose_qparams_affine_with_min_max"] = dict(counts)
+  assert counts["bit-equal"] >= counts["cases"] - 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_mse_picks_torchaos_mse_observer_candidate(seed):
+  """torchao's ``AffineQuantizedMSEObserver`` (data MSE, one batch, steps=100) and jo's histogram
+  MSE (in-bin integrals, 2048 bins) pick the same candidate t = k/100 here. Tolerance: the scale
+  may differ by torchao's ``range / steps * k`` against jo's ``range * (k / steps)`` roundings,
+  two float32 ulps; a different candidate would be 1% of the range away."""
+  rng = np.random.default_rng(seed)
+  x = rng.laplace(0, 1, 60000) if seed != 1 else rng.standard_normal(60000)
+  x = np.concatenate([x, rng.uniform(-30, 40, 10 * seed)]).astype(np.float32)
+  twin = tobs.AffineQuantizedMSEObserver(
+    tq.MappingType.SYMMETRIC, torch.int8, tg.PerTensor(), quant_min=-128, quant_max=127, steps=100
+  )
+  twin(torch.from_numpy(x))
+  scale, _ = twin.calculate_qparams()
+  obs = jo.HistogramMSEObserver(dtype=jnp.int8, qscheme=jo.per_tensor_symmetric, steps=100)
+  ours = float(obs.calculate_qparams(obs.update(obs.init(x), x)).scale)
+  assert abs(ours - float(scale)) <= 2 * np.spacing(np.float32(scale)), (ours, float(scale))
