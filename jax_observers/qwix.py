@@ -107,7 +107,13 @@ from typing import Any
 import flax.errors
 import flax.linen as nn
 import jax
-import qwix
+
+try:
+  import qwix
+except ImportError as e:  # the optional ``qwix`` extra
+  raise ImportError(
+    "jax_observers.qwix needs qwix 0.1.8: pip install 'jax_observers[qwix]'."
+  ) from e
 
 from jax_observers._src import qwix_bridge
 from jax_observers._src.base import Observer, QParams, UniformObserver
@@ -117,7 +123,7 @@ COLLECTION = qwix_bridge.COLLECTION
 
 def observe(
   model: nn.Module,
-  rules: Sequence[Any],
+  rules: Sequence[qwix.QuantizationRule],
   params: Any,
   batches: Iterable[Any],
   *,
@@ -132,11 +138,22 @@ def observe(
     params: the float params.
     batches: each batch is the model's positional input: an array, or a tuple of arrays.
     observer: the observer for every rule with ``act_static_scale=True``.
-    observers: ``{rule.module_path: observer}``, overriding ``observer`` per rule.
+    observers: ``{rule.module_path: observer}``, overriding ``observer`` per rule (rules that share
+      a ``module_path`` share its observer).
 
   Returns:
     ``(states, configs)``: the observer states and the observer configs, each keyed
     ``{*module_path: {act_name: ...}}`` like ``quant_stats`` (``{"Dense_0": {"dot_general0_lhs": ...}}``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, qwix, jax_observers as jo
+    >>> import jax_observers.qwix
+    >>> model, x = nn.Dense(3), jnp.linspace(-2.0, 1.0, 8).reshape(2, 4)
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> rules = [qwix.QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    >>> states, configs = jo.qwix.observe(model, rules, params, [x], observer=jo.MinMaxObserver())
+    >>> float(states["dot_general0_lhs"].min_val), float(states["dot_general0_lhs"].max_val)
+    (-2.0, 1.0)
 
   Raises:
     ValueError: no observer for a static rule, an unknown ``observers`` key, no batches.
@@ -179,7 +196,7 @@ def observe(
 
 def calibrate(
   model: nn.Module,
-  rules: Sequence[Any],
+  rules: Sequence[qwix.QuantizationRule],
   params: Any,
   batches: Iterable[Any],
   *,
@@ -216,7 +233,9 @@ def calibrate(
   return to_quant_stats(model, rules, states, configs, *_args(first))
 
 
-def to_quant_stats(model: nn.Module, rules: Sequence[Any], states, configs, *args) -> dict:
+def to_quant_stats(
+  model: nn.Module, rules: Sequence[qwix.QuantizationRule], states: dict, configs: dict, *args
+) -> dict:
   """qwix ``quant_stats`` from :func:`observe`'s ``(states, configs)`` (the second half of calibrate).
 
   Args:

@@ -373,3 +373,30 @@ def test_scanned_layers_qwix_cannot_and_calibrate_says_so():
   ptq, qparams = ptq_params(model, [qwix.QuantizationRule(weight_qtype="int8")], params, {}, x)
   with pytest.raises(ValueError, match="disagrees with leading axis sizes"):
     ptq.apply({"params": qparams}, x)
+
+
+class _Attention(nn.Module):
+  """An activation x activation einsum and a jnp.dot with a param: qwix names lhs and rhs."""
+
+  @nn.compact
+  def __call__(self, x):  # (B, S, K)
+    w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+    h = jnp.dot(x, w)
+    scores = jnp.einsum("bsk,btk->bst", h, h)
+    return nn.Dense(4)(scores)
+
+
+def test_einsum_and_dot_inputs_get_qwix_names_and_exact_scales():
+  model = _Attention()
+  x = jax.random.normal(jax.random.key(0), (6, 5, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  observer = CALIBRATORS["MSE"]
+  states, configs = jo.qwix.observe(model, rules(), params, [x[:3], x[3:]], observer=observer)
+  quant_stats = jo.qwix.to_quant_stats(model, rules(), states, configs, x)
+  assert set(quant_stats) == {"dot_general0_lhs", "einsum0_lhs", "einsum0_rhs", "Dense_0"}
+  ptq, qparams = ptq_params(model, rules(), params, quant_stats, x)
+  for name in ("dot_general0_lhs", "einsum0_lhs", "einsum0_rhs"):
+    want = observer.calculate_qparams(states[name]).scale
+    assert_qwix_scale(qparams[f"{name}_scale"].array, want, name)
+  y, y_float = ptq.apply({"params": qparams}, x), model.apply({"params": params}, x)
+  assert float(jnp.max(jnp.abs(y - y_float))) < 0.05 * float(jnp.max(jnp.abs(y_float)))
