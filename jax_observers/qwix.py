@@ -100,6 +100,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -129,6 +130,7 @@ def observe(
   *,
   observer: Observer | None = None,
   observers: Mapping[str, Observer] | None = None,
+  model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict, dict]:
   """Runs ``batches`` through ``model`` in float, observing qwix's static activation inputs.
 
@@ -140,6 +142,7 @@ def observe(
     observer: the observer for every rule with ``act_static_scale=True``.
     observers: ``{rule.module_path: observer}``, overriding ``observer`` per rule (rules that share
       a ``module_path`` share its observer).
+    model_kwargs: keyword arguments for every model call, held static (``{"train": False}``).
 
   Returns:
     ``(states, configs)``: the observer states and the observer configs, each keyed
@@ -165,15 +168,16 @@ def observe(
     rules, qwix_bridge.observers_for_rules(rules, observer, observers)
   )
   observing = qwix.quantize_model(model, provider)
+  kwargs = dict(model_kwargs or {})
 
   @jax.jit
   def init(args):  # only observer.init values leave: XLA drops the forward, a cheap compile
-    return observing.init(jax.random.key(0), *args)[COLLECTION]
+    return observing.init(jax.random.key(0), *args, **kwargs)[COLLECTION]
 
   @jax.jit
   def step(params, states, args):
     variables = {"params": params, COLLECTION: states}
-    return observing.apply(variables, *args, mutable=[COLLECTION])[1][COLLECTION]
+    return observing.apply(variables, *args, mutable=[COLLECTION], **kwargs)[1][COLLECTION]
 
   states = None
   for batch in batches:
@@ -202,6 +206,7 @@ def calibrate(
   *,
   observer: Observer | None = None,
   observers: Mapping[str, Observer] | None = None,
+  model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict:
   """qwix ``quant_stats`` whose static scales are the observers' ``calculate_qparams``.
 
@@ -213,6 +218,7 @@ def calibrate(
     batches: the calibration batches (arrays, or tuples of the model's positional args).
     observer: one observer config for every static rule.
     observers: ``{rule.module_path: observer}``, overriding ``observer`` per rule.
+    model_kwargs: keyword arguments for every model call, held static (``{"train": False}``).
 
   Returns:
     ``{*module_path: {act_name: {"count", "sum_of_absmax"}}}`` (``sum_of_min``/``sum_of_max`` for
@@ -227,14 +233,19 @@ def calibrate(
   first = next(batches, None)
   if first is None:
     raise ValueError("batches is empty: calibration needs at least one batch.")
-  states, configs = observe(
-    model, rules, params, itertools.chain([first], batches), observer=observer, observers=observers
-  )
-  return to_quant_stats(model, rules, states, configs, *_args(first))
+  batches = itertools.chain([first], batches)
+  kw = {"observer": observer, "observers": observers, "model_kwargs": model_kwargs}
+  states, configs = observe(model, rules, params, batches, **kw)
+  return to_quant_stats(model, rules, states, configs, *_args(first), model_kwargs=model_kwargs)
 
 
 def to_quant_stats(
-  model: nn.Module, rules: Sequence[qwix.QuantizationRule], states: dict, configs: dict, *args
+  model: nn.Module,
+  rules: Sequence[qwix.QuantizationRule],
+  states: dict,
+  configs: dict,
+  *args,
+  model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict:
   """qwix ``quant_stats`` from :func:`observe`'s ``(states, configs)`` (the second half of calibrate).
 
@@ -245,12 +256,14 @@ def to_quant_stats(
     configs: the observer configs from :func:`observe`.
     *args: a sample input (one batch's positional args), to trace qwix's PTQ model for its
       static scales' shapes and qtypes.
+    model_kwargs: keyword arguments for the model call, as in :func:`observe`.
 
   Returns:
     The quant_stats, as :func:`calibrate`.
   """
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(ptq.init, jax.random.key(0), *args)["params"]
+  init = functools.partial(ptq.init, **(model_kwargs or {}))
+  abstract = jax.eval_shape(init, jax.random.key(0), *args)["params"]
   out, compiled = {}, {}
   for (path, name), (shape, qtype, has_zp) in qwix_bridge.static_scales(abstract).items():
     where = "/".join((*path, name))

@@ -400,3 +400,22 @@ def test_einsum_and_dot_inputs_get_qwix_names_and_exact_scales():
     assert_qwix_scale(qparams[f"{name}_scale"].array, want, name)
   y, y_float = ptq.apply({"params": qparams}, x), model.apply({"params": params}, x)
   assert float(jnp.max(jnp.abs(y - y_float))) < 0.05 * float(jnp.max(jnp.abs(y_float)))
+
+
+class _WithDropout(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    h = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(16)(x)))
+    return nn.Dense(4)(h)
+
+
+def test_model_kwargs_reach_every_call():
+  model, x = _WithDropout(), jax.random.normal(jax.random.key(0), (8, 5))
+  params = model.init(jax.random.key(1), x, train=False)["params"]
+  observer = CALIBRATORS["MinMax"]
+  kw = {"model_kwargs": {"train": False}}
+  quant_stats = jo.qwix.calibrate(model, rules(), params, [x], observer=observer, **kw)
+  states, _ = jo.qwix.observe(model, rules(), params, [x], observer=observer, **kw)
+  hidden = nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None])
+  assert float(states["Dense_1"]["dot_general0_lhs"].max_val) == pytest.approx(float(hidden.max()))
+  assert set(quant_stats) == {"Dense_0", "Dense_1"}
