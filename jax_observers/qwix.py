@@ -15,6 +15,12 @@ observer (MinMax, histogram percentile/MSE/entropy, ...) and returns ``quant_sta
    ``'observers'`` collection.
 2. each state's ``calculate_qparams`` is mapped onto qwix's convention, exactly.
 
+The provider is public qwix API (``QuantizationProvider``, its ``_get_current_rule_and_op_id`` hook
+for subclasses); to decide what is a weight and where a state lives it calls the helpers qwix's own
+providers call (``qwix._src.utils.flax_util``), and it checks every mapped scale with qwix's own
+``averaging``/``qarray.compute_scale_zero_point``. Those are private to qwix, hence the pin
+``qwix==0.1.8``; qwix's model code is never patched.
+
 **The mapping.** qwix reads ``{count, sum_of_absmax}`` (or ``sum_of_min``/``sum_of_max``) as the
 mean range ``r = sum / count`` and computes, on the qtype's grid :math:`[q_{min}, q_{max}]`
 (int8: :math:`[-128, 127]`, int4: :math:`[-8, 7]`):
