@@ -419,3 +419,23 @@ def test_model_kwargs_reach_every_call():
   hidden = nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None])
   assert float(states["Dense_1"]["dot_general0_lhs"].max_val) == pytest.approx(float(hidden.max()))
   assert set(quant_stats) == {"Dense_0", "Dense_1"}
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_conv_input_gets_qwix_name_and_exact_scale():
+  model, x = _ConvNet(), jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
+  params = model.init(jax.random.key(1), x)["params"]
+  observer = CALIBRATORS["Percentile"]
+  states, configs = jo.qwix.observe(model, rules(), params, [x], observer=observer)
+  quant_stats = jo.qwix.to_quant_stats(model, rules(), states, configs, x)
+  _, qparams = ptq_params(model, rules(), params, quant_stats, x)
+  state = states["Conv_0"]["conv_general_dilated0_lhs"]
+  got = qparams["Conv_0"]["conv_general_dilated0_lhs_scale"].array
+  assert got.shape == (1, 1, 1, 1)
+  assert_qwix_scale(got, observer.calculate_qparams(state).scale, "Conv_0")
