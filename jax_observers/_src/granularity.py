@@ -102,6 +102,11 @@ class PerBlock(Granularity):
 def get_block_size(shape: tuple[int, ...], granularity: Granularity) -> tuple[int, ...]:
   """torchao's ``get_block_size``: the block shape ``granularity`` gives an input of ``shape``.
 
+  The same tuple as torchao 0.18's ``torchao.quantization.utils.get_block_size`` (tested live);
+  torchao asserts there that ``PerGroup``/``PerBlock`` divide the shape, jo in :func:`block_layout`
+  (which also offers ``pad``). A block of all ones is one block per element here, where torchao's
+  reduction over an empty dim list (``torch.amin(v, dim=[])``) collapses the whole tensor.
+
   Examples:
     >>> import jax_observers as jo
     >>> jo.get_block_size((4, 256), jo.PerGroup(128)), jo.get_block_size((2, 3, 8), jo.PerToken())
