@@ -22,6 +22,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
 
 ORACLES = ("torch", "torchao", "onnxruntime")
 
+# jax_observers.qwix needs the optional qwix package; without it, its doctests and notebook are
+# not collected (tests/qwix_test.py skips by itself).
+collect_ignore = []
+if importlib.util.find_spec("qwix") is None:
+  collect_ignore += [
+    "jax_observers/qwix.py",
+    "jax_observers/_src/qwix_bridge.py",
+    "notebooks/06_qwix_ptq.ipynb",
+  ]
+
 
 class _BlockOracles(importlib.abc.MetaPathFinder):
   """Refuses the oracle packages, as if they were not installed."""
