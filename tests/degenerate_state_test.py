@@ -316,3 +316,16 @@ def test_histogram_loader_and_state_check_serve_the_calibrators(per_channel, pol
   negative = {**d, "histogram": -np.abs(d["histogram"]) - 1}
   with pytest.raises(ValueError, match=r"state_dict\['histogram'\].*>= 0"):
     histogram.histogram_from_dict(obs, negative, strict=True, channels=per_channel, mode=obs.mode)
+
+
+def test_histogram_search_over_a_subnormal_range_is_silent_and_matches_torch():
+  torch, tobs = _torch()
+  x = np.array([1e-38, 1.2e-38, 2e-38, 1.1e-38], np.float32)
+  t = tobs.HistogramObserver(bins=16)
+  t(torch.from_numpy(x))
+  obs = jo.HistogramObserver(bins=16)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the host search used to warn (divide by zero) here
+    scale, zero_point = obs.calculate_qparams(_observe(obs, [x]))
+  t_scale, t_zp = t.calculate_qparams()
+  assert float(scale) == t_scale.item() and int(zero_point) == t_zp.item()

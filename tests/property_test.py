@@ -155,8 +155,10 @@ def compare_observer(obs, batches):
       warnings.simplefilter("ignore")
       t(torch.from_numpy(flush(b)))
     state = obs.update(state, jnp.asarray(b))
-  assert_same(state.min_val, t.min_val.numpy(), f"{obs} min_val")
-  assert_same(state.max_val, t.max_val.numpy(), f"{obs} max_val")
+  # A subnormal that only moves (a one-element min) is kept; arithmetic flushes it: either way
+  # it is documented as read as zero, so states are compared with subnormals flushed.
+  assert_same(flush(state.min_val), flush(t.min_val.numpy()), f"{obs} min_val")
+  assert_same(flush(state.max_val), flush(t.max_val.numpy()), f"{obs} max_val")
   t_scale, t_zp = torch_qparams(t)
   assume(not np.any((t_scale != 0) & (np.abs(t_scale) < TINY)))  # documented: flushed scale
   scale, zero_point = obs.calculate_qparams(state)
@@ -236,8 +238,8 @@ def test_histogram_observer(obs, data):
       warnings.simplefilter("ignore")
       t(torch.from_numpy(flush(b)))
     state = obs.update(state, jnp.asarray(b))
-  assert_same(state.min_val, t.min_val.numpy(), f"{obs} min_val")
-  assert_same(state.max_val, t.max_val.numpy(), f"{obs} max_val")
+  assert_same(flush(state.min_val), flush(t.min_val.numpy()), f"{obs} min_val")
+  assert_same(flush(state.max_val), flush(t.max_val.numpy()), f"{obs} max_val")
   assert_same(state.histogram, t.histogram.numpy(), f"{obs} histogram")
   t_scale, t_zp = torch_qparams(t)
   assume(not np.any((t_scale != 0) & (np.abs(t_scale) < TINY)))

@@ -228,8 +228,9 @@ def _host_search(packed: np.ndarray, *, dst_nbins: int) -> np.ndarray:
   for idx in np.ndindex(packed.shape[:-1]):
     min_val, max_val = packed[idx][-2:]
     if np.isfinite(min_val) and np.isfinite(max_val):  # else never observed: left as is.
-      # A range near float32's max overflows to inf in torch's float32 steps, silently there too.
-      with np.errstate(over="ignore", invalid="ignore"):
+      # torch's float32 steps overflow (a range near float32's max) or divide by a zero width
+      # (a range of a few subnormals) silently; so do these.
+      with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         out[idx] = l2_search(packed[idx][:-2], min_val, max_val, dst_nbins)
   return out
 
