@@ -573,6 +573,7 @@ def test_choose_qparams_affine_with_min_max_matches_torchao():
       assert subnormal_only(qp.scale, scale), case
       counts[FTZ] += 1
   REPORT["choose_qparams_affine_with_min_max"] = dict(counts)
+  print(dict(counts))
   assert counts["bit-equal"] >= counts["cases"] - 3
 
 
