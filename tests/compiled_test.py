@@ -115,6 +115,17 @@ def test_eager_ops_compile_once():
     lambda: jo.fake_quantize_learnable_per_tensor_affine(x, scale, jnp.float32(3), 0, 255, 1.0),
     lambda: jo.quantize(x, scale, zero_point, dtype=jnp.uint8),
     lambda: jo.to_mx(jnp.tile(x, (1, 4))),
+    lambda: jo.choose_qparams_affine(x, jo.MappingType.SYMMETRIC, [1, 8], jnp.int8),
+    lambda: jo.quantize_affine(
+      x, (1, 8), jnp.full((64, 1), 0.1), jnp.zeros((64, 1), jnp.int32), jnp.int8
+    ),
+    lambda: jo.dequantize_affine(
+      jnp.ones((64, 8), jnp.int8),
+      (1, 8),
+      jnp.full((64, 1), 0.1),
+      jnp.zeros((64, 1), jnp.int32),
+      jnp.int8,
+    ),
   ]
   for call in calls:
     jax.block_until_ready(call())

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_observers._src import compiled, numerics, reduce
 from jax_observers._src import granularity as gran
-from jax_observers._src import numerics, reduce
 from jax_observers._src.base import QParams, canonical_dtype
 
 
@@ -207,6 +207,7 @@ def unobserved_to_default(qp: QParams, min_val, max_val) -> QParams:
   )
 
 
+@compiled.eager_compiled_function("min_val", "max_val")
 def choose_qparams_affine_with_min_max(
   min_val,
   max_val,
@@ -255,6 +256,7 @@ def as_granularity(block_size) -> gran.Granularity:
   return gran.PerBlock(tuple(block_size))
 
 
+@compiled.eager_compiled_function("x")
 def choose_qparams_affine(
   x: jax.typing.ArrayLike,
   mapping_type: MappingType,

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_observers._src import affine_qparams as aq
+from jax_observers._src import compiled, numerics
 from jax_observers._src import granularity as gran
-from jax_observers._src import numerics
 
 ZPD = aq.ZeroPointDomain
 
@@ -99,6 +99,7 @@ def dequantize_blocks(q, layout, scale, zero_point, *, quant_range, zero_point_d
   return layout.unview(out).astype(out_dtype)
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def quantize_affine(
   x: jax.typing.ArrayLike,
   block_size,
@@ -148,6 +149,7 @@ def quantize_affine(
   )
 
 
+@compiled.eager_compiled_function("q", "scale", "zero_point")
 def dequantize_affine(
   q: jax.typing.ArrayLike,
   block_size,

@@ -75,6 +75,39 @@ def eager_compiled(fn):
   return method
 
 
+def eager_compiled_function(*array_args: str):
+  """A public function that runs one cached ``jax.jit`` when called outside a trace.
+
+  ``array_args`` name the array parameters; every other argument (dtypes, block sizes, enums,
+  ranges) is static, so each distinct setting compiles once. Unhashable settings run as written.
+  """
+
+  def wrap(fn):
+    signature = inspect.signature(fn)
+    static = [name for name in signature.parameters if name not in array_args]
+    jitted = jax.jit(fn, static_argnames=static)
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      arrays = [bound.arguments.get(name) for name in array_args]
+      if _traced(arrays, {}):
+        return fn(*args, **kwargs)
+      arguments = {
+        k: tuple(v) if isinstance(v, list) and k not in array_args else v
+        for k, v in bound.arguments.items()
+      }
+      try:
+        hash(tuple(v for k, v in arguments.items() if k not in array_args))
+      except TypeError:
+        return fn(*args, **kwargs)
+      return jitted(**arguments)
+
+    return function
+
+  return wrap
+
+
 def warn_if_unobserved(config, state) -> None:
   """torch's warning when an eager ``calculate_qparams`` sees a state that observed nothing."""
   if _traced((state,), {}):
