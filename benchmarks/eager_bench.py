@@ -13,6 +13,7 @@ import argparse
 import warnings
 
 import jax
+import jax.numpy as jnp
 
 try:
   from benchmarks import common
@@ -54,29 +55,63 @@ def methods(obs, x):
   return calls
 
 
+def ops(x):
+  """The functional ops, each with its array arguments."""
+  s, z = jnp.float32(0.05), jnp.int32(3)
+  cs, cz = jnp.full(x.shape[1], 0.05), jnp.zeros(x.shape[1], jnp.int32)
+  bs, bz = (
+    jnp.full((x.shape[0], x.shape[1] // 128), 0.05),
+    jnp.zeros((x.shape[0], x.shape[1] // 128), jnp.int32),
+  )
+  return {
+    "fake_quantize_per_tensor_affine": (
+      lambda x: jo.fake_quantize_per_tensor_affine(x, s, z, 0, 255),
+      (x,),
+    ),
+    "fake_quantize_per_channel_affine": (
+      lambda x: jo.fake_quantize_per_channel_affine(x, cs, cz, 1, -128, 127),
+      (x,),
+    ),
+    "fake_quantize_learnable_per_tensor_affine": (
+      lambda x: jo.fake_quantize_learnable_per_tensor_affine(x, s, jnp.float32(3), 0, 255, 1.0),
+      (x,),
+    ),
+    "quantize": (lambda x: jo.quantize(x, s, z, dtype=jnp.uint8), (x,)),
+    "choose_qparams_affine": (
+      lambda x: jo.choose_qparams_affine(x, jo.MappingType.SYMMETRIC, (1, 128), jnp.int8),
+      (x,),
+    ),
+    "quantize_affine": (lambda x: jo.quantize_affine(x, (1, 128), bs, bz, jnp.int8), (x,)),
+  }
+
+
 def rows(repeats: int = 30) -> list[common.Row]:
   """One row per config and method: eager ms, with the jitted call's ms as the floor."""
   x = jax.random.normal(jax.random.key(0), (256, 1024))
   out = []
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    for name, obs in CONFIGS:
-      for method, (fn, fargs) in methods(obs, x).items():
-        jitted = jax.jit(fn)
-        jax.block_until_ready(fn(*fargs))  # the first eager call compiles
-        jax.block_until_ready(jitted(*fargs))
-        before = COMPILES[0]
-        t_eager, t_jit = common.median_ms(
-          [
-            lambda fn=fn, a=fargs: jax.block_until_ready(fn(*a)),
-            lambda fn=jitted, a=fargs: jax.block_until_ready(fn(*a)),
-          ],
-          repeats,
-        )
-        bar = "meets" if t_eager <= 2 * t_jit + 0.5 else "MISSES"
-        note = f"{COMPILES[0] - before} compiles; {bar} eager <= 2 x jit + 0.5 ms"
-        label = f"{name}.{method} eager (floor: jitted)"
-        out.append(common.Row("eager", label, t_eager, t_jit, None, note))
+    calls = [
+      (f"{name}.{method}", call)
+      for name, obs in CONFIGS
+      for method, call in methods(obs, x).items()
+    ]
+    calls += [(f"jo.{name}", call) for name, call in ops(x).items()]
+    for label, (fn, fargs) in calls:
+      jitted = jax.jit(fn)
+      jax.block_until_ready(fn(*fargs))  # the first eager call compiles
+      jax.block_until_ready(jitted(*fargs))
+      before = COMPILES[0]
+      t_eager, t_jit = common.median_ms(
+        [
+          lambda fn=fn, a=fargs: jax.block_until_ready(fn(*a)),
+          lambda fn=jitted, a=fargs: jax.block_until_ready(fn(*a)),
+        ],
+        repeats,
+      )
+      bar = "meets" if t_eager <= 2 * t_jit + 0.5 else "MISSES"
+      note = f"{COMPILES[0] - before} compiles; {bar} eager <= 2 x jit + 0.5 ms"
+      out.append(common.Row("eager", f"{label} eager (floor: jitted)", t_eager, t_jit, None, note))
   return out
 
 
