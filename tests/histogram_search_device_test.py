@@ -256,7 +256,8 @@ def test_export_serializes_without_host_callbacks():
   fn = jax.jit(functools.partial(histogram_search_device.search, dst_nbins=256))
   exported = jax.export.export(fn)(hist, lo, hi)
   text = exported.mlir_module()
-  assert "callback" not in text and "f64" not in text
+  assert "stablehlo.custom_call" not in text  # host callbacks are custom calls
+  assert "xf64>" not in text and "tensor<f64>" not in text
   restored = jax.export.deserialize(exported.serialize())
   got = restored.call(hist, lo, hi)
   assert [_bits(v).item() for v in got] == _bits(_host(hist, lo, hi, 256)).tolist()
@@ -283,3 +284,56 @@ def test_f32_of_f64_double_rounding():
     want = np.float32(np.float64(sum(np.float64(t) for t in terms)))
     got = f([jnp.float32(t) for t in terms])
     assert _bits(got).item() == _bits(want).item(), (terms, exact)
+
+
+def _near_ties(rng, n):
+  """Expansions ``r + side u/2 + e + t`` around float32 midpoints and float64 ties next to them."""
+  r = (rng.choice([-1, 1], n) * 2.0 ** rng.uniform(-20, 20, n)).astype(np.float32)
+  r[: n // 8] = np.float32(2.0) ** rng.integers(-20, 20, n // 8)  # powers of two: finer grid below
+  u = np.spacing(np.abs(r))
+  side = rng.choice([-1, 1], n).astype(np.float32)
+  half = np.where(rng.random(n) < 0.8, side * u / 2, side * u * rng.random(n)).astype(np.float32)
+  g2 = u * np.float32(2.0**-30)
+  e = g2 * rng.choice([-1, 1, -2, 2, 0, 1 + 2**-10, -(1 + 2**-10), 1 - 2**-10], n)
+  t = e * rng.choice([0, 2.0**-20, -(2.0**-20)], n)
+  return [t.astype(np.float32), e.astype(np.float32), half, r]
+
+
+def _round_f32(x):
+  """float32 nearest to the rational ``x`` (ties to even), in one rounding."""
+  from fractions import Fraction
+
+  c = np.float32(float(x))
+  near = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+  return min(near, key=lambda v: (abs(Fraction(float(v)) - x), int(_bits(v)) & 1))
+
+
+def test_f32_of_f64_is_float32_of_the_float64_rounding():
+  """Against exact rationals: float64's round-to-nearest-even, then float32's, near every tie."""
+  from fractions import Fraction
+
+  rng = np.random.default_rng(11)
+  terms = _near_ties(rng, 4000)
+  got = _bits(jax.jit(histogram_search_device.f32_of_f64)(terms))
+  exact = [sum(map(Fraction, map(float, col)), Fraction(0)) for col in zip(*terms, strict=True)]
+  want = _bits(np.array([float(x) for x in exact], np.float64).astype(np.float32))
+  assert (got == want).all(), np.flatnonzero(got != want)[:5]
+  assert (got != _bits([_round_f32(x) for x in exact])).sum() > 100  # double rounding was hit
+
+
+def test_exact_sums_match_the_host():
+  """Rows with mixed signs and wide exponents (f32_sums), and histogram cumulative sums."""
+  rng = np.random.default_rng(12)
+  rows = rng.standard_normal((64, 512)) * 2.0 ** rng.integers(-30, 30, (64, 512))
+  rows[::3] = np.abs(rows[::3])
+  rows = rows.astype(np.float32)
+  got = jax.jit(histogram_search_device.exact_sum)(rows)
+  assert (_bits(got) == _bits(histogram_search.f32_sums(rows))).all()
+  hists = [
+    rng.poisson(50, (8, 512)),
+    rng.poisson(3, (8, 512)) / 16.0,
+    np.round(rng.exponential(1e6, (8, 512))),
+  ]
+  hists = np.concatenate(hists).astype(np.float32)
+  want = np.cumsum(hists, -1, dtype=np.float64).astype(np.float32)
+  assert (_bits(jax.jit(histogram_search_device.exact_cumsum)(hists)) == _bits(want)).all()

@@ -37,7 +37,7 @@ _F32 = np.float32
 _LEVELS = 6  # extraction levels, each 23 - ceil(log2(n + 2)) bits (11 for 2048 bins): the sums
 # are exact down to 2**-67 of the largest term, past any float64 rounding decision that matters.
 _PASSES = 3  # VecSum passes: enough for the short, nearly sorted expansions here.
-_BISECT = 17  # 2**17 > len(beta): steps of the idle-run binary search.
+_FAN, _ROUNDS = 64, 3  # the idle-run search: 64 candidates a round, 64**3 > len(beta).
 _BIG = _F32(2.0**60)  # two_prod operands above this are scaled down first (split overflows).
 
 
@@ -135,14 +135,15 @@ def _levels(x):
 def exact_sum(x):
   """``float32(float64 sum)`` of the last axis, as the host's ``f32_sums`` (non-finite as NumPy)."""
   levels, rest, ok = _levels(x)
-  terms = [jnp.sum(rest, -1), *(jnp.sum(q, -1) for q in reversed(levels))]
-  return jnp.where(ok, f32_of_f64(terms), jnp.sum(x, -1))
+  terms = jnp.sum(jnp.stack([rest, *reversed(levels)]), axis=-1)  # one pass for every level
+  return jnp.where(ok, f32_of_f64(list(terms)), jnp.sum(x, -1))
 
 
 def exact_cumsum(x):
   """torch's CPU ``cumsum`` (a float64 accumulator, cast per element), for exact float64 sums."""
   levels, rest, _ = _levels(x)
-  return f32_of_f64([jnp.cumsum(rest, -1), *(jnp.cumsum(q, -1) for q in reversed(levels))])
+  sums = jnp.cumsum(jnp.stack([rest, *reversed(levels)]), axis=-1)  # one scan for every level
+  return f32_of_f64(list(sums))
 
 
 def _quotient(min_val, max_val, bins):
@@ -161,20 +162,25 @@ def _quotient(min_val, max_val, bins):
 
 
 def _floor_divide(a, b):
-  """NumPy's float32 ``floor_divide`` (fmod-based, as torch's ``rounding_mode='floor'``), b > 0."""
-  mod = lax.rem(a, b)
-  div = exact_div(a - mod, b)
-  div = jnp.where((mod != 0) & (mod < 0), div - _F32(1), div)
-  floor = jnp.floor(div)
-  floor = jnp.where(div - floor > _F32(0.5), floor + _F32(1), floor)
-  return jnp.where(div != 0, floor, _F32(0))
+  """NumPy's float32 ``floor_divide(a, b)`` for ``b > 0`` (torch's ``rounding_mode='floor'``).
+
+  NumPy's fmod-based result is the exact ``floor(a / b)`` here (quotients below 2**22, NaN for
+  infinite ``a``). ``floor(f32(a / b))`` is one too large exactly where the division rounded up
+  onto an integer; that is checked exactly, ``q b > a`` with :func:`_two_prod` (``q b - a`` is
+  exact by Sterbenz). No ``fmod``: XLA:CPU calls libm for it, element by element.
+  """
+  d = exact_div(a, b)
+  q = jnp.floor(d)
+  p, e = _two_prod(q, jnp.broadcast_to(b, q.shape))
+  q = jnp.where((d == q) & ((p - a) + e > 0), q - _F32(1), q)
+  return jnp.where(jnp.isinf(a), _F32(np.nan), q)
 
 
 def _cube(v):
   return rounded(rounded(v * v) * v)
 
 
-def _error(hist, width, bw, inv, start, end, dst_nbins):
+def _error(hist, density, width, bw, inv, start, end, dst_nbins):
   """torch's ``_compute_quantization_error(start, end)`` with each float32 rounding kept."""
   bins = hist.shape[-1]
   n = (end - start + 1).astype(jnp.float32)
@@ -189,7 +195,6 @@ def _error(hist, width, bw, inv, start, end, dst_nbins):
   src_end = src_begin + width
   dst_begin = jnp.clip(_floor_divide(src_begin, dst), _F32(0), top)
   dst_end = jnp.clip(_floor_divide(src_end, dst), _F32(0), top)
-  density = exact_div(hist, width)
   delta_begin = src_begin - rounded((dst_begin + _F32(0.5)) * dst)
   norm = rounded(density * exact_div(_cube(jnp.ones_like(hist) * half) - _cube(delta_begin), three))
   full = exact_div(_cube(half) - _cube(-half), three)
@@ -212,22 +217,32 @@ def _search_one(hist, min_val, max_val, dst_nbins):
   alpha_np, beta_np, limit_np = _tables()
   alpha, beta, limit = jnp.asarray(alpha_np), jnp.asarray(beta_np), jnp.asarray(limit_np)
   bins = hist.shape[-1]
-  csum, total = exact_cumsum(hist), exact_sum(hist)
+  small_counts = jnp.all(hist == jnp.round(hist)) & (jnp.sum(jnp.abs(hist)) < _F32(2.0**24))
+  csum = lax.cond(small_counts, jnp.cumsum, exact_cumsum, hist)  # integers below 2**24: exact
+  total = csum[-1]  # the host's f32_sums(hist): both are float32 of the exact total
   bw, inv = _quotient(min_val, max_val, bins)
   width = f32_of_f64([q * inv for q in bw])
-  error = functools.partial(_error, hist, width, bw, inv, dst_nbins=dst_nbins)
+  density = exact_div(hist, width)
+  error = functools.partial(_error, hist, density, width, bw, inv, dst_nbins=dst_nbins)
 
   def skip(ka, kb, end):
-    """The first ``kb' >= kb`` where the loop ends or ``f32(beta[kb' + 1] T) < csum[end]``."""
-
-    def bisect(_, lo_hi):
-      lo, hi = lo_hi
-      mid = (lo + hi) // 2
-      hit = _threshold(beta[jnp.minimum(mid + 1, beta.shape[0] - 1)], total) < csum[end]
-      go = lo < hi
-      return jnp.where(go & ~hit, mid + 1, lo), jnp.where(go & hit, mid, hi)
-
-    return lax.fori_loop(0, _BISECT, bisect, (kb, jnp.maximum(limit[ka], kb)))[0]
+    """The first ``kb' >= kb`` where the loop ends or ``f32(beta[kb' + 1] T) < csum[end]``: a
+    64-way search (three rounds cover the ~1e5 steps), the host's binary search vectorized."""
+    lo, hi = kb, jnp.maximum(limit[ka], kb)  # the answer is in [lo, hi]; hi if nothing hits
+    for _ in range(_ROUNDS):
+      step = jnp.maximum((hi - lo + _FAN - 1) // _FAN, 1)
+      cand = lo + step * jnp.arange(_FAN, dtype=jnp.int32)
+      rows = beta[jnp.minimum(cand + 1, beta.shape[0] - 1)]
+      hit = (cand < hi) & (_threshold(rows.T, total) < csum[end])
+      first = jnp.argmax(hit)
+      found = jnp.any(hit)
+      lo, hi = (
+        jnp.where(found & (first > 0), cand[jnp.maximum(first - 1, 0)] + 1, lo),
+        jnp.where(found, cand[first], hi),
+      )
+      last = cand[jnp.clip((hi - 1 - cand[0]) // step, 0, _FAN - 1)]  # the last candidate < hi
+      lo = jnp.where(found, lo, jnp.minimum(last + 1, hi))
+    return hi
 
   def cond(c):
     ka, kb, *_, done = c
