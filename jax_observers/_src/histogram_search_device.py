@@ -101,10 +101,7 @@ def f32_of_f64(terms):
   if not rest:
     return r
   side = _sign(rest)
-  mag = jnp.abs(r)
-  u = jnp.nextafter(mag, jnp.asarray(jnp.inf, r.dtype)) - mag
-  pow2 = (lax.bitcast_convert_type(mag, jnp.int32) & 0x7FFFFF) == 0
-  u = jnp.where(pow2 & (side * jnp.sign(r) < 0), u * _F32(0.5), u)
+  u = _ulp_at(r, side)
   h, g2 = u * _F32(0.5), u * _F32(2.0**-30)
   dist = [t * side for t in rest]  # |d|, exactly
   above = _sign([*dist, -g2, -h]) > 0  # |d| > u/2 + g/2: past the midpoint's float64 cell
@@ -146,19 +143,60 @@ def exact_cumsum(x):
   return f32_of_f64(list(sums))
 
 
+def _ulp_at(r, side):
+  """float32's spacing next to ``r`` on the side ``side`` (finer below a power of two)."""
+  mag = jnp.abs(r)
+  u = jnp.nextafter(mag, jnp.asarray(jnp.inf, r.dtype)) - mag
+  pow2 = (lax.bitcast_convert_type(mag, jnp.int32) & 0x7FFFFF) == 0
+  return jnp.where(pow2 & (side * jnp.sign(r) < 0), u * _F32(0.5), u)
+
+
+def round_to_f64(terms):
+  """``float64(x)`` (round to nearest even) as an exact expansion ``[t3, t2, t1]``, for ``x`` the
+  exact sum of float32 ``terms``, ``|x|`` in ``[2**-60, 2**120]`` (else ``x``'s own sum is kept).
+
+  With ``r`` the distilled sum, ``G = u 2**-29`` is float64's spacing around ``r`` and ``r / G``
+  is even, so ``float64(x) = r + k G`` with ``k`` the integer nearest ``(x - r) / G``, ties even.
+  ``k`` (up to ``2**29``) is found in two float32 parts, the tie by an exact sign test.
+  """
+  ts = _distill(terms)
+  r, rest = ts[-1], ts[:-1]
+  side = _sign(rest)
+  u = _ulp_at(r, side)
+  ok = (u >= _F32(2.0**-80)) & (u <= _F32(2.0**100)) & jnp.isfinite(r)
+  u = jnp.where(ok, u, _F32(1))
+  scale = _F32(2.0**29) * (_F32(1) / u)  # exact: powers of two
+  y = _distill([t * scale for t in rest])
+  k1 = jnp.round(y[-1])  # half to even
+  y = _distill([*y[:-1], y[-1] - k1])  # exact: y[-1] and k1 are close
+  k2 = jnp.round(y[-1])
+  y = [*y[:-1], y[-1] - k2]
+  up, down = _sign([*y, _F32(-0.5)]), _sign([*y, _F32(0.5)])
+  odd = (k1 - _F32(2) * jnp.floor(k1 * _F32(0.5))) != (k2 - _F32(2) * jnp.floor(k2 * _F32(0.5)))
+  adj = jnp.where((up > 0) | ((up == 0) & odd), _F32(1), _F32(0))
+  adj = jnp.where((down < 0) | ((down == 0) & odd), _F32(-1), adj)
+  g = u * _F32(2.0**-29)
+  out = [(k2 + adj) * g, k1 * g, r]
+  kept = ([jnp.zeros_like(r)] * 3 + ts)[-3:]
+  return [jnp.where(ok, o, t) for o, t in zip(out, kept, strict=True)]
+
+
 def _quotient(min_val, max_val, bins):
-  """``(max - min) / bins`` as three float32 terms (smallest first) times ``2**-shift``."""
+  """torch's Python-float ``(max - min) / bins`` as an exact float64 in three float32 terms
+  (smallest first), for inputs scaled by ``c``: returns ``(terms, 1 / c)``."""
   shift = jnp.maximum(jnp.abs(min_val), jnp.abs(max_val)) > _F32(2.0**126)
   c = jnp.where(shift, _F32(0.5), _F32(1))
   hi, lo = two_sum(max_val * c, -(min_val * c))  # exact
+  d = round_to_f64([lo, hi])  # float64(max) - float64(min), rounded
   b = _F32(bins)
-  q1 = exact_div(hi, b)
-  p, pe = _two_prod(q1, b)
-  rest = _distill([-pe, lo, hi - p])  # hi - p exact (Sterbenz)
-  q2 = exact_div(rest[-1], b)
-  p, pe = _two_prod(q2, b)
-  q3 = exact_div(_distill([*rest, -pe, -p])[-1], b)
-  return [q3, q2, q1], jnp.where(shift, _F32(2), _F32(1))
+  q = []
+  for _ in range(3):  # long division: d - b (q1 + q2 + ...) stays exact
+    q.append(exact_div(d[-1], b))
+    p, pe = _two_prod(q[-1], b)
+    d = _distill([*d[:-1], -pe, d[-1] - p])  # d[-1] - p exact (Sterbenz)
+  # the quotient is never a float64 midpoint unless exact, and never within 2**-65 of one: the
+  # three terms (error 2**-72) round as the quotient does.
+  return round_to_f64(q[::-1]), jnp.where(shift, _F32(2), _F32(1))
 
 
 def _floor_divide(a, b):
