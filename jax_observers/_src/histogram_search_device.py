@@ -14,11 +14,23 @@ serialize it. torch's float64 steps are emulated with error-free transforms
 * sums (the histogram's total, its cumulative sum, each range's error) are split into levels on
   nested power-of-two grids whose float32 sums are exact (Rump, Ogita and Oishi's extraction), and
   the exact sum is rounded by :func:`f32_of_f64`, as the host's float64 sum rounded to float32;
-* the bin width :math:`(M - m)/\mathrm{bins}` is a three-term quotient expansion of the exact
-  difference, and the destination width :math:`w (e - s + 1)/2^b` its exact product with the range.
+* the bin width :math:`\mathrm{rn}_{64}(\mathrm{rn}_{64}(M - m)/\mathrm{bins})` is an exact float64
+  in three float32 terms (:func:`round_to_f64` of the exact difference, then of a long-division
+  quotient), and the destination width :math:`w (e - s + 1)/2^b` its exact product, rounded by
+  :func:`f32_of_f64`.
 
-Runs of steps that move neither end are skipped with a binary search over :math:`\beta_k`, as on
-the host, so "two spikes" takes a handful of iterations instead of :math:`10^5`.
+Runs of steps that move neither end are skipped with a 64-way search over :math:`\beta_k` (the
+host's binary search), so "two spikes" takes a handful of iterations instead of :math:`10^5`.
+
+Where it is not bit for bit with torch and the host (documented limits):
+
+* subnormal float32 values: XLA:CPU flushes them to zero, torch and NumPy keep them. Ranges whose
+  error terms fall below :math:`2^{-126}` (spans below about :math:`10^{-9}`; all bin widths of
+  spans below about :math:`2.4 \cdot 10^{-35}`) give a range inside ``[min_val, max_val]`` that
+  can differ from torch's.
+* histograms whose cumulative sums are not exact in float64 (torch's accumulator then rounds;
+  never for counts, nor for re-binned counts), or that span more than :math:`2^{67}` between
+  bins: the exact sum is used.
 """
 
 from __future__ import annotations
