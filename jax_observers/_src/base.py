@@ -6,7 +6,6 @@ import abc
 import dataclasses
 import enum
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -176,12 +175,6 @@ def check_state(observer, state, kind: type, method: str, fields: Mapping[str, t
         fail(f"{field} must be {' or '.join(d.name for d in dtypes)}")
 
 
-DEGENERATE_WARNING = (
-  "calculate_qparams got a degenerate range (min_val > max_val, NaN, or a channel that saw no "
-  "value while others did); those entries get the default scale=1.0, zero_point=0."
-)
-
-
 def valid_range(min_val, max_val) -> jax.Array:
   """True where ``[min_val, max_val]`` is an observed range (``min_val <= max_val``, no NaN)."""
   return jnp.asarray(min_val) <= jnp.asarray(max_val)
@@ -198,14 +191,15 @@ def degenerate_range(min_val, max_val) -> jax.Array:
   return ~fresh & jnp.any(~valid_range(min_val, max_val))
 
 
-def warn_if_degenerate(config, state) -> None:
-  """Eagerly (concrete ``state``), :data:`DEGENERATE_WARNING` when ``config.degenerate(state)``."""
-  leaves = jax.tree_util.tree_leaves(state)
-  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-    return
-  flag = config.degenerate(state)
-  if flag is not None and bool(flag):
-    warnings.warn(DEGENERATE_WARNING, UserWarning, stacklevel=3)
+def fake_quantize_on_grid(observer, x, qparams: QParams) -> jax.Array:
+  """torch's fake quantization on ``observer``'s ``quant_range`` (per channel on its ``ch_axis``)."""
+  quant_min, quant_max = observer.quant_range
+  scale, zero_point = qparams
+  if observer.qscheme.is_per_channel:
+    return ops.fake_quantize_per_channel_affine(
+      x, scale, zero_point, observer.ch_axis, quant_min, quant_max
+    )
+  return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
 
 
 class Observer(WithArgs, abc.ABC):
@@ -244,7 +238,7 @@ class Observer(WithArgs, abc.ABC):
 
     An inverted or NaN range, or a channel that saw nothing while others did: ``calculate_qparams``
     gives those entries the default ``(1.0, 0)`` (a defined result under ``jit``) and, called
-    eagerly, warns with :data:`DEGENERATE_WARNING`. None for observers without ranges.
+    eagerly, warns (``compiled.DEGENERATE_WARNING``). None for observers without ranges.
     """
     return None
 
@@ -322,13 +316,7 @@ class UniformObserver(Observer):
 
   def fake_quantize(self, x, qparams: QParams) -> jax.Array:
     """torch's ``fake_quantize_per_{tensor,channel}_affine`` with this observer's range."""
-    quant_min, quant_max = self.quant_range
-    scale, zero_point = qparams
-    if self.qscheme.is_per_channel:
-      return ops.fake_quantize_per_channel_affine(
-        x, scale, zero_point, self.ch_axis, quant_min, quant_max
-      )
-    return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+    return fake_quantize_on_grid(self, x, qparams)
 
   @property
   def has_customized_qrange(self) -> bool:

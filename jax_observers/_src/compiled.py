@@ -40,9 +40,14 @@ METHODS = (
   "dequantize",
   "fake_quantize",
   "unobserved",
+  "degenerate",
 )
 
 UNOBSERVED_WARNING = "must run observer before calling calculate_qparams. Returning default values."
+DEGENERATE_WARNING = (
+  "calculate_qparams got a degenerate range (min_val > max_val, NaN, or a channel that saw no "
+  "value while others did); those entries get the default scale=1.0, zero_point=0."
+)
 
 
 def register(cls: type) -> None:
@@ -108,13 +113,19 @@ def eager_compiled_function(*array_args: str):
   return wrap
 
 
-def warn_if_unobserved(config, state) -> None:
-  """torch's warning when an eager ``calculate_qparams`` sees a state that observed nothing."""
+def warn_about_state(config, state) -> None:
+  """After an eager ``calculate_qparams``: torch's warning for a state that observed nothing, or
+  the degenerate-range warning (``config.degenerate(state)``: those entries got ``(1, 0)``)."""
   if _traced((state,), {}):
     return
-  flag = config.unobserved(state)
-  if flag is not None and bool(flag):
-    warnings.warn(UNOBSERVED_WARNING, UserWarning, stacklevel=3)
+  for check, message in (
+    (config.unobserved, UNOBSERVED_WARNING),
+    (config.degenerate, DEGENERATE_WARNING),
+  ):
+    flag = check(state)
+    if flag is not None and bool(flag):
+      warnings.warn(message, UserWarning, stacklevel=3)
+      return
 
 
 def compile_methods(cls: type) -> None:
@@ -134,7 +145,7 @@ def _warning_qparams(method):
   @functools.wraps(method)
   def calculate_qparams(self, state, *args, **kwargs):
     out = method(self, state, *args, **kwargs)
-    warn_if_unobserved(self, state)
+    warn_about_state(self, state)
     return out
 
   calculate_qparams.eager_compiled = True

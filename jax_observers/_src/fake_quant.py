@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import fake_quant_ops as ops
-from jax_observers._src import fake_quant_state_dict, state_dict
+from jax_observers._src import base, fake_quant_state_dict, state_dict
 from jax_observers._src.base import Observer, QParams, QScheme, canonical_dtype, check_float_input
 from jax_observers._src.fake_quant_state import FakeQuantizeState
 from jax_observers._src.fixed import FixedQParamsObserver
@@ -123,6 +122,16 @@ class FakeQuantizeBase(WithArgs, abc.ABC):
     """True when the observer inside has seen nothing (see ``Observer.unobserved``)."""
     return None
 
+  def degenerate(self, state) -> jax.Array | None:
+    """True where the observer inside holds a degenerate range (see ``Observer.degenerate``)."""
+    return None
+
+  def check_state(self, state, method: str) -> None:
+    """At trace time, a ValueError unless ``state`` is this config's kind of state."""
+    shapes = [(None,)] if self.qscheme.is_per_channel else [()]
+    fields = {"scale": (shapes, jnp.float32), "zero_point": (shapes, self.zero_point_dtype())}
+    base.check_state(self, state, self.state_kind, method, fields)
+
   def replace(self, **changes):
     """A copy of this config with ``changes`` (validated again)."""
     return dataclasses.replace(self, **changes)
@@ -159,8 +168,10 @@ class FakeQuantize(FakeQuantizeBase):
   activation_post_process: Observer = dataclasses.field(init=False)
 
   torch_flag_dtype = np.uint8  # dtype of torch's enabled-flag buffers (the fused module: int64)
+  state_kind = FakeQuantizeState
 
   def __post_init__(self):
+    base.python_scalars(self)
     obs = build_observer(
       self.observer, self.quant_min, self.quant_max, strict_order=False, is_dynamic=self.is_dynamic
     )
@@ -178,8 +189,12 @@ class FakeQuantize(FakeQuantizeBase):
     object.__setattr__(self, "activation_post_process", obs)
 
   @property
+  def qscheme(self) -> QScheme:
+    return self.activation_post_process.qscheme
+
+  @property
   def is_per_channel(self) -> bool:
-    return self.activation_post_process.qscheme.is_per_channel
+    return self.qscheme.is_per_channel
 
   @property
   def quant_range(self) -> tuple[int, int]:
@@ -227,16 +242,14 @@ class FakeQuantize(FakeQuantizeBase):
 
   def fake_quant(self, x, scale, zero_point) -> jax.Array:
     """``x`` fake-quantized with the given qparams and the observer's range (torch's forward)."""
-    quant_min, quant_max = self.quant_range
-    if self.is_per_channel:
-      return ops.fake_quantize_per_channel_affine(
-        x, scale, zero_point, self.ch_axis, quant_min, quant_max
-      )
-    return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+    return self.activation_post_process.fake_quantize(
+      x, QParams(scale=scale, zero_point=zero_point)
+    )
 
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
     x = check_float_input(x, self)
+    self.check_state(state, "apply")
     state = branch(
       state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
     )
@@ -253,10 +266,14 @@ class FakeQuantize(FakeQuantizeBase):
 
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The observer's qparams from its current statistics (torch: not the stored buffers)."""
+    self.check_state(state, "calculate_qparams")
     return self.activation_post_process.calculate_qparams(state.activation_post_process)
 
   def unobserved(self, state: FakeQuantizeState) -> jax.Array | None:
     return self.activation_post_process.unobserved(state.activation_post_process)
+
+  def degenerate(self, state: FakeQuantizeState) -> jax.Array | None:
+    return self.activation_post_process.degenerate(state.activation_post_process)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -300,6 +317,7 @@ class FixedQParamsFakeQuantize(FakeQuantize):
 
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The fixed ``(scale, zero_point)`` (torch returns its shared buffers)."""
+    self.check_state(state, "calculate_qparams")
     return QParams(scale=state.scale, zero_point=state.zero_point)
 
 

@@ -188,6 +188,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: moving-average observe, refresh qparams, fake-quantize."""
     x = check_float_input(x, self)
+    self.check_state(state, "apply")
     obs = self.activation_post_process
 
     def observe(s):
@@ -201,6 +202,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
 
   def calculate_qparams(self, state: FakeQuantizeState) -> QParams:
     """The qparams the forward pass uses: the kernel buffers, or the observer's formula."""
+    self.check_state(state, "calculate_qparams")
     if self.use_kernel_params:
       return QParams(scale=state.scale, zero_point=state.zero_point)
     return self.activation_post_process.calculate_qparams(state.activation_post_process)

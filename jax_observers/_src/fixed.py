@@ -16,6 +16,7 @@ from jax_observers._src.base import (
   QScheme,
   canonical_dtype,
   check_state,
+  fake_quantize_on_grid,
   per_tensor_affine,
   python_scalars,
 )
@@ -77,6 +78,10 @@ class FixedQParamsObserver(Observer):
   def _check(self, state, method: str) -> None:
     fields = {"scale": ((), jnp.float32), "zero_point": ((), jnp.int32)}
     check_state(self, state, FixedQParamsState, method, fields)
+
+  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
+    """torch's per-tensor fake quantization on the fixed range."""
+    return fake_quantize_on_grid(self, x, qparams)
 
   def calculate_qparams(self, state: FixedQParamsState) -> QParams:
     self._check(state, "calculate_qparams")

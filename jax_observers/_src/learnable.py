@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import fake_quant_state_dict, learnable_ops, state_dict
+from jax_observers._src import base, fake_quant_state_dict, learnable_ops, state_dict
 from jax_observers._src.base import FLOAT32_EPS, Observer, QParams, QScheme, check_float_input
 from jax_observers._src.fake_quant import FakeQuantizeBase, _same_types, branch, build_observer
 from jax_observers._src.fake_quant_state import LearnableFakeQuantizeState
@@ -92,8 +92,13 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
   eps = FLOAT32_EPS  # torch's eps buffer (finfo(float32).eps)
   trainable_fields = ("scale", "zero_point")
+  state_kind = LearnableFakeQuantizeState
+
+  def zero_point_dtype(self):
+    return jnp.float32  # LSQ's zero point is a float parameter
 
   def __post_init__(self):
+    base.python_scalars(self)
     obs = build_observer(self.observer, self.quant_min, self.quant_max, strict_order=True)
     if not self.quant_min <= 0 <= self.quant_max:
       raise ValueError(
@@ -188,6 +193,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
   def apply(self, state: LearnableFakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``; gradients flow to ``x`` and (while learning) to ``scale``/``zero_point``."""
     x = check_float_input(x, self)
+    self.check_state(state, "apply")
     observe = lambda s: self._observe(s, x, axis_name)
     obs_state, scale, zero_point = branch(state.static_enabled, observe, self._clamp, state)
     learning = state.learning_enabled
@@ -211,6 +217,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
   def calculate_qparams(self, state: LearnableFakeQuantizeState) -> QParams:
     """``(max(scale, eps), clip(rne(zero_point)))`` with an int32 zero point, as torch."""
+    self.check_state(state, "calculate_qparams")
     scale = jnp.maximum(state.scale, np.float32(self.eps))
     zero_point = jnp.clip(jnp.round(state.zero_point), self.quant_min, self.quant_max)
     return QParams(scale=scale, zero_point=zero_point.astype(jnp.int32))
