@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax_observers._src import affine_qparams as aq
 from jax_observers._src import affine_quant, affine_serialization, minmax, reduce
 from jax_observers._src import granularity as gran
-from jax_observers._src.base import Observer, QParams, canonical_dtype
+from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 from jax_observers._src.minmax import MinMaxState
 
 
@@ -93,6 +93,7 @@ class AffineQuantizedMinMaxObserver(Observer):
   default_eps: ClassVar[float] = aq.SMALLEST_NORMAL  # torchao 0.18's observer
 
   def __post_init__(self):
+    python_scalars(self)
     aq.check_mapping(self.mapping_type, self.zero_point_domain, self.preserve_zero)
     self.quant_range  # noqa: B018 -- validates target_dtype, quant_min, quant_max eagerly.
     aq.check_eps(self.eps)
@@ -129,6 +130,7 @@ class AffineQuantizedMinMaxObserver(Observer):
     """Observes ``x``; with ``axis_name``, the global batch (``pmin``/``pmax`` of the statistic)."""
     x = aq.float_input(x, type(self).__name__)
     layout = self.layout(x)
+    self.check_state(state, "update")
     if jnp.shape(state.min_val) != layout.state_shape:
       raise ValueError(
         f"{type(self).__name__}({self.granularity}) has state of shape "
@@ -147,8 +149,15 @@ class AffineQuantizedMinMaxObserver(Observer):
       min_val=jnp.minimum(state.min_val, lo), max_val=jnp.maximum(state.max_val, hi)
     )
 
+  def check_state(self, state: MinMaxState, method: str) -> None:
+    """At trace time: ``state`` is a float32 ``MinMaxState`` (its block shape is checked by the
+    caller that knows the input)."""
+    spec = (None, jnp.float32)
+    check_state(self, state, MinMaxState, method, {"min_val": spec, "max_val": spec})
+
   def calculate_qparams(self, state: MinMaxState) -> QParams:
     """torchao's ``choose_qparams_affine_with_min_max`` per block; unobserved blocks ``(1, 0)``."""
+    self.check_state(state, "calculate_qparams")
     qp = aq.qparams_from_min_max(
       state.min_val,
       state.max_val,

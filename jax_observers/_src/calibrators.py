@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_observers._src import calibrators_search as search
-from jax_observers._src import hist_accumulate, hist_pow2, histogram_numerics, qparams
+from jax_observers._src import hist_accumulate, hist_pow2, histogram, histogram_numerics, qparams
 from jax_observers._src import state_dict as state_dict_lib
 from jax_observers._src.base import (
   QParams,
@@ -114,12 +114,8 @@ class _HistogramCalibrator(UniformObserver):
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
     x = check_float_input(x, self)
     axis = self._axis(x)
-    expected = (self.bins,) if axis is None else (jnp.shape(x)[axis], self.bins)
-    if jnp.shape(state.histogram) != expected:
-      raise ValueError(
-        f"{type(self).__name__} expects a histogram of shape {expected} for x of shape "
-        f"{jnp.shape(x)}, got {jnp.shape(state.histogram)}; build the state with init(x)."
-      )
+    channels = () if axis is None else (jnp.shape(x)[axis],)
+    hist_accumulate.check_state(self, state, "update", channels, self.range_policy)
     if x.size == 0:
       return state
     return hist_accumulate.accumulate(
@@ -147,6 +143,8 @@ class _HistogramCalibrator(UniformObserver):
     return jnp.where(seen, lo, jnp.inf), jnp.where(seen, hi, -jnp.inf)
 
   def calculate_qparams(self, state: HistogramState) -> QParams:
+    channels = (None,) if self.ch_axis is not None else ()
+    hist_accumulate.check_state(self, state, "calculate_qparams", channels, self.range_policy)
     lo, hi = self.clip_range(state)
     return qparams.calculate_qparams(lo, hi, self)
 
@@ -325,15 +323,8 @@ def _to_dict(observer, state) -> dict[str, np.ndarray]:
 
 
 def _from_dict(observer, d, *, strict, example):
-  state_dict_lib.take(d, ("eps", "histogram", "min_val", "max_val"), observer, strict)
-  dtype = np.int32 if observer.range_policy == "pow2" else np.float32
-  hist = np.asarray(d["histogram"]).astype(dtype)
-  if hist.shape[-1] != observer.bins or hist.ndim != (1 if observer.ch_axis is None else 2):
-    raise ValueError(f"histogram has shape {hist.shape}; the observer has bins={observer.bins}.")
-  return HistogramState(
-    histogram=hist,
-    min_val=np.asarray(d["min_val"], np.float32).reshape(hist.shape[:-1]),
-    max_val=np.asarray(d["max_val"], np.float32).reshape(hist.shape[:-1]),
+  return histogram.histogram_from_dict(
+    observer, d, strict=strict, channels=observer.ch_axis is not None, mode=observer.mode
   )
 
 
