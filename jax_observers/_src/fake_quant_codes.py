@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_observers._src import compiled
 from jax_observers._src import fake_quant_ops as ops
 
 _INT32 = np.iinfo(np.int32)
@@ -34,6 +35,7 @@ def _integer_range(dtype, quant_min, quant_max) -> tuple[np.dtype, int, int]:
   return np.dtype(info.dtype), quant_min, quant_max
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def quantize(
   x, scale, zero_point, *, dtype, axis=None, quant_min=None, quant_max=None
 ) -> jax.Array:
@@ -76,6 +78,7 @@ def quantize(
   return codes.astype(dtype)
 
 
+@compiled.eager_compiled_function("q", "scale", "zero_point")
 def dequantize(q, scale, zero_point, *, axis=None, dtype=jnp.float32) -> jax.Array:
   r"""Codes back to real values, :math:`(q - z)\, s` rounded once (the fake-quant output).
 

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_observers._src import compiled, numerics
 from jax_observers._src import fake_quant_numerics as fqn
-from jax_observers._src import numerics
 
 _INT32 = np.iinfo(np.int32)
 
@@ -246,6 +246,7 @@ def per_channel_qparams(x, scale, zero_point, axis, quant_min, quant_max, fn: st
   return axis, scale.astype(jnp.float32).reshape(shape), zero_point.reshape(shape)
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max) -> jax.Array:
   r"""torch's ``fake_quantize_per_tensor_affine``: quantize and dequantize, straight-through gradient.
 
@@ -282,6 +283,7 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max) 
   return _fake_quant(x, scale, zero_point, (None, quant_min, quant_max))
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max) -> jax.Array:
   r"""torch's ``fake_quantize_per_channel_affine``: one ``scale``/``zero_point`` per slice along ``axis``.
 

@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jax_observers._src import compiled
 from jax_observers._src import fake_quant_numerics as fqn
 from jax_observers._src import fake_quant_ops as ops
 
@@ -174,6 +175,7 @@ def _learnable_jvp(spec, primals, tangents):
 _learnable.defjvp(_learnable_jvp, symbolic_zeros=True)
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def fake_quantize_learnable_per_tensor_affine(
   x, scale, zero_point, quant_min, quant_max, grad_factor=1.0, *, consistent_zero_point=False
 ) -> jax.Array:
@@ -208,6 +210,7 @@ def fake_quantize_learnable_per_tensor_affine(
   return _learnable(x, scale, zero_point, spec)
 
 
+@compiled.eager_compiled_function("x", "scale", "zero_point")
 def fake_quantize_learnable_per_channel_affine(
   x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0
 ) -> jax.Array:

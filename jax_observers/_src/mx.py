@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_serialization, fp8
+from jax_observers._src import affine_serialization, compiled, fp8
 from jax_observers._src import granularity as gran
 from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 
@@ -132,6 +132,7 @@ def _cast_elements(scaled, elem_dtype) -> jax.Array:
   return jnp.clip(scaled, -fmax, fmax).astype(elem_dtype)
 
 
+@compiled.eager_compiled_function("x")
 def to_mx(
   x: jax.typing.ArrayLike,
   elem_dtype=jnp.float8_e4m3fn,
