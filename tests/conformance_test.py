@@ -113,3 +113,9 @@ def test_axis_name_sync_over_8_devices_equals_one_observer_on_the_global_batch(o
     chex.assert_trees_all_equal(
       jax.tree.map(lambda a, i=i: np.asarray(a[i]), replicated), jax.tree.map(np.asarray, single)
     )
+
+
+@pytest.mark.parametrize("obs, shape", CASES)
+def test_states_print_concisely(obs, shape):
+  text = repr(observe(obs, batches(shape)))
+  assert "Array(" not in text and len(text) < 600, text

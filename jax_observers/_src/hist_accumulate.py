@@ -31,6 +31,7 @@ from jax import lax
 
 from jax_observers._src import base, hist_pow2
 from jax_observers._src import histogram_numerics as hn
+from jax_observers._src.readable import ReadableRepr
 from jax_observers._src.reduce import SMALL, batch_min_max
 
 RANGE_POLICIES = ("torch", "pow2")
@@ -39,7 +40,7 @@ _REBIN_BATCH = 8  # channels re-binned at once (each makes [bins * upsample_rate
 MODES = ("signed", "symmetric", "absolute")
 
 
-class HistogramState(struct.PyTreeNode):
+class HistogramState(ReadableRepr, struct.PyTreeNode, repr=False):
   """Running histogram; the field names are torch's ``HistogramObserver`` buffer names."""
 
   histogram: jax.Array  # shape (bins,) or (C, bins); float32 ('torch' policy) or int32 ('pow2').
