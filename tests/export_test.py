@@ -5,10 +5,12 @@ import jax
 import pytest
 from registry import CASES, batches, qparams_or_none
 
-# These reach the host through jax.pure_callback, which jax.export cannot serialize yet (issue 11:
-# a device-native search): torch's L2 search in calculate_qparams, and fbgemm's kernel qparams in
-# every fused update. The rest of their step is pinned to fail loudly, not silently.
-HOST_QPARAMS = {"histogram"}
+import jax_observers as jo
+
+# fbgemm's kernel qparams in every fused update still reach the host through jax.pure_callback,
+# which jax.export cannot serialize (issue 11); that step is pinned to fail loudly, not silently.
+# (HistogramObserver's L2 search runs on the device and exports; search="host" is tested below.)
+HOST_QPARAMS = set()
 HOST_UPDATE = {"fused-kernel"}
 
 
@@ -40,3 +42,10 @@ def test_export_round_trip(obs, shape, request):
   if host:
     with pytest.raises(NotImplementedError, match="host_callbacks"):
       jax.export.export(_step(obs, with_qparams=True))(state, xs[0]).serialize()
+
+
+def test_histogram_host_search_is_the_one_that_cannot_export():
+  obs = jo.HistogramObserver(bins=64, search="host")
+  x = batches((8, 5))[0]
+  with pytest.raises(NotImplementedError, match="host_callbacks"):
+    jax.export.export(_step(obs, with_qparams=True))(obs.init(x), x).serialize()

@@ -3,6 +3,7 @@
 import functools
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,3 +276,14 @@ def test_axis_name_sync_equals_global_batch(policy):
     np.testing.assert_array_equal(
       np.asarray(getattr(state, field)), np.asarray(getattr(global_state, field))
     )
+
+
+def test_search_option_is_validated_and_both_searches_agree():
+  with pytest.raises(ValueError, match="search='gpu'"):
+    jo.HistogramObserver(search="gpu")
+  rng = np.random.default_rng(5)
+  for bins in (64, 2048):
+    x = jnp.asarray(rng.standard_normal(4096).astype(np.float32) ** 3)
+    device, host = jo.HistogramObserver(bins=bins), jo.HistogramObserver(bins=bins, search="host")
+    state = device.update(device.init(x), x)
+    chex.assert_trees_all_equal(device.calculate_qparams(state), host.calculate_qparams(state))

@@ -10,8 +10,9 @@ that torch's greedy walk finds,
 
 where :math:`[s^\ast, e^\ast]` is the last bin range before the modelled L2 error
 (:mod:`histogram_search`) first increases, and maps it to ``scale``/``zero_point`` like
-:class:`MinMaxObserver`. The search runs on the host (NumPy, float64 where torch uses Python
-floats) through ``jax.pure_callback``, so it works under ``jit`` and ``vmap`` with x64 off.
+:class:`MinMaxObserver`. The search runs on the device, torch's Python-float (float64) steps
+emulated exactly in float32 arithmetic (:mod:`histogram_search_device`), under ``jit``, ``vmap``
+and ``jax.export`` with x64 off; ``search='host'`` runs the NumPy mirror through a host callback.
 
 Non-finite values: NaN and :math:`\pm\infty` are dropped (torch drops :math:`\pm\infty` with a warning
 and raises on NaN); a batch with no finite value leaves the state unchanged.
@@ -26,7 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import hist_accumulate, hist_pow2, histogram_search, qparams
+from jax_observers._src import (
+  hist_accumulate,
+  hist_pow2,
+  histogram_search,
+  histogram_search_device,
+  qparams,
+)
 from jax_observers._src import state_dict as state_dict_lib
 from jax_observers._src.base import (
   QParams,
@@ -60,6 +67,9 @@ def check_histogram_config(obs) -> None:
     raise ValueError(f"upsample_rate={rate!r} must be a positive int.")
 
 
+SEARCHES = {"device": histogram_search_device.search, "host": histogram_search.search}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HistogramObserver(UniformObserver):
   r"""torch's ``HistogramObserver``: running histogram, then the greedy L2 range search.
@@ -70,6 +80,11 @@ class HistogramObserver(UniformObserver):
     range_policy: ``'torch'`` (torch's re-binning, bit-exact with torch) or ``'pow2'`` (exact
       power-of-two grid, independent of how the data was batched; the searched range is then
       clipped to the observed ``[min_val, max_val]``; ``bins`` must be a power of two).
+    search: where torch's L2 search runs: ``'device'`` (default: float32/int32 on the device, torch's
+      float64 steps emulated exactly, no host callback, exportable; :mod:`histogram_search_device`)
+      or ``'host'`` (NumPy through ``jax.pure_callback``). The two agree bit for bit except on
+      ranges so small that XLA:CPU flushes the device's subnormal error terms (std below ~1e-10),
+      where ``'host'`` keeps torch's answer.
     dtype, qscheme, reduce_range, quant_min, quant_max, eps: as :class:`MinMaxObserver`. The search
       quantizes into ``2**bits(dtype)`` bins whatever ``quant_min``/``quant_max`` say, as torch.
     ignore_nonfinite: must stay True: NaN and ``±inf`` are never histogrammed.
@@ -93,6 +108,7 @@ class HistogramObserver(UniformObserver):
   bins: int = 2048
   upsample_rate: int = 16
   range_policy: str = "torch"
+  search: str = "device"
   ignore_nonfinite: bool = True
 
   allowed_qschemes: ClassVar = (per_tensor_affine, per_tensor_symmetric)
@@ -109,6 +125,8 @@ class HistogramObserver(UniformObserver):
     if not self.ignore_nonfinite:
       raise ValueError("ignore_nonfinite=False: a histogram cannot hold NaN or inf; leave it True.")
     check_histogram_config(self)
+    if self.search not in SEARCHES:
+      raise ValueError(f"search={self.search!r}; expected one of {tuple(SEARCHES)}.")
 
   @property
   def dst_nbins(self) -> int:
@@ -147,7 +165,7 @@ class HistogramObserver(UniformObserver):
     else:
       lo, hi = hist_accumulate.grid_edges(state, range_policy="pow2", mode="signed")
     hist = jnp.asarray(state.histogram).astype(jnp.float32)
-    new_min, new_max = histogram_search.search(hist, lo, hi, self.dst_nbins)
+    new_min, new_max = SEARCHES[self.search](hist, lo, hi, self.dst_nbins)
     if self.range_policy == "pow2":
       new_min = jnp.maximum(new_min, state.min_val)
       new_max = jnp.minimum(new_max, state.max_val)
