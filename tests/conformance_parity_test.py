@@ -60,3 +60,13 @@ def test_loads_torchs_own_state_dict(obs, shape):
     scale, zero_point = obs.calculate_qparams(loaded)
     np.testing.assert_array_equal(np.reshape(scale, -1), torch_qparams[0].numpy().reshape(-1))
     np.testing.assert_array_equal(np.reshape(zero_point, -1), torch_qparams[1].numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("obs, shape", [c for c in CASES if _has_torch_twin(c)])
+def test_torchs_strict_load_accepts_our_state_dict(obs, shape):
+  xs = batches(shape)
+  d = jo.state_dict(obs, observe(obs, xs))
+  twin = torch_twin(obs)
+  twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in d.items()}, strict=True)
+  for key, value in twin.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), d[key])

@@ -269,14 +269,17 @@ def _empty_from_dict(observer, d, *, strict, example):
 
 
 def _recording_to_dict(observer, state) -> dict[str, np.ndarray]:
-  return {"tensor_val": np.array(state.tensor_val), "count": np.array(state.count, np.int32)}
+  """torch's: empty (its recorded list is no buffer), so torch's strict load accepts it. The
+  recording itself is kept by Flax serialization of the state, not by the state dict."""
+  return {}
 
 
 def _recording_from_dict(observer, d, *, strict, example):
-  if not d:  # torch keeps the recorded list outside its state_dict.
+  if not d:  # torch keeps the recorded list outside its state_dict, and so does state_dict().
     if example is None:
-      raise ValueError("torch's RecordingObserver state_dict is empty; pass example= to init.")
+      raise ValueError("RecordingObserver's state_dict is empty (as torch's); pass example= to init.")
     return observer.init(example)
+  # the keys of jax_observers < 0.2, which recorded into the state dict
   tensor_val, count = take(d, ("tensor_val", "count"), observer, strict)
   if tensor_val.ndim < 1 or tensor_val.shape[0] != observer.capacity:
     refuse(observer, "tensor_val", tensor_val, f"expected [capacity={observer.capacity}, ...]")
