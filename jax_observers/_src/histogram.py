@@ -68,6 +68,7 @@ def check_histogram_config(obs) -> None:
 
 
 SEARCHES = {"device": histogram_search_device.search, "host": histogram_search.search}
+DEVICE_MAX_DST_NBINS = 2**24  # int32/uint32-wide dtypes (2**32 destination bins) search on the host
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +85,8 @@ class HistogramObserver(UniformObserver):
       float64 steps emulated exactly, no host callback, exportable; :mod:`histogram_search_device`)
       or ``'host'`` (NumPy through ``jax.pure_callback``). The two agree bit for bit except on
       ranges so small that XLA:CPU flushes the device's subnormal error terms (std below ~1e-10),
-      where ``'host'`` keeps torch's answer.
+      where ``'host'`` keeps torch's answer. Dtypes wider than 24 bits (``int32``: 2**32
+      destination bins, past float32's exact integers) always search on the host.
     dtype, qscheme, reduce_range, quant_min, quant_max, eps: as :class:`MinMaxObserver`. The search
       quantizes into ``2**bits(dtype)`` bins whatever ``quant_min``/``quant_max`` say, as torch.
     ignore_nonfinite: must stay True: NaN and ``±inf`` are never histogrammed.
@@ -165,7 +167,8 @@ class HistogramObserver(UniformObserver):
     else:
       lo, hi = hist_accumulate.grid_edges(state, range_policy="pow2", mode="signed")
     hist = jnp.asarray(state.histogram).astype(jnp.float32)
-    new_min, new_max = SEARCHES[self.search](hist, lo, hi, self.dst_nbins)
+    search = self.search if self.dst_nbins <= DEVICE_MAX_DST_NBINS else "host"
+    new_min, new_max = SEARCHES[search](hist, lo, hi, self.dst_nbins)
     if self.range_policy == "pow2":
       new_min = jnp.maximum(new_min, state.min_val)
       new_max = jnp.minimum(new_max, state.max_val)
