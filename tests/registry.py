@@ -137,4 +137,3 @@ def mesh8(axis: str = "data") -> Mesh:
   devices = jax.devices()
   assert len(devices) == 8, "conftest sets --xla_force_host_platform_device_count=8"
   return Mesh(np.array(devices), (axis,))
-

@@ -277,7 +277,9 @@ def _recording_to_dict(observer, state) -> dict[str, np.ndarray]:
 def _recording_from_dict(observer, d, *, strict, example):
   if not d:  # torch keeps the recorded list outside its state_dict, and so does state_dict().
     if example is None:
-      raise ValueError("RecordingObserver's state_dict is empty (as torch's); pass example= to init.")
+      raise ValueError(
+        "RecordingObserver's state_dict is empty (as torch's); pass example= to init."
+      )
     return observer.init(example)
   # the keys of jax_observers < 0.2, which recorded into the state dict
   tensor_val, count = take(d, ("tensor_val", "count"), observer, strict)
