@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from torch_oracle import random_batch
+from torchao_oracle import torchao_granularity
 
 import jax_observers as jo
 
@@ -111,20 +112,6 @@ def random_granularity(rng, shape):
   rows = [d for d in (1, 2, 4) if shape[-2] % d == 0]
   cols = [d for d in (2, 4, 32, 128) if last % d == 0]
   return jo.PerBlock((int(rng.choice(rows)), int(rng.choice(cols))))
-
-
-def torchao_granularity(g):
-  if isinstance(g, jo.PerTensor):
-    return tg.PerTensor()
-  if isinstance(g, jo.PerAxis):
-    return tg.PerAxis(g.axis)
-  if isinstance(g, jo.PerGroup):
-    return tg.PerGroup(g.group_size)
-  if isinstance(g, jo.PerRow):
-    return tg.PerRow(g.dim)
-  if isinstance(g, jo.PerToken):
-    return tg.PerToken()
-  return tg.PerBlock(tuple(g.block_size))
 
 
 def random_range(rng):

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import histogram_search
-from jax_observers._src.numerics import exact_div, rounded, split, two_sum
+from jax_observers._src import histogram_search, numerics
+from jax_observers._src.numerics import exact_div, rounded, two_sum
 
 _F32 = np.float32
 _LEVELS = 6  # extraction levels, each 23 - ceil(log2(n + 2)) bits (11 for 2048 bins): the sums
@@ -74,14 +74,7 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _two_prod(a, b):
   """:func:`numerics.two_prod` for any finite ``a`` (``|b| < 2**60``): big ``a`` is scaled first."""
   scale = jnp.where(jnp.abs(a) > _BIG, _F32(2.0**-40), _F32(1))
-  a = a * scale
-  p = rounded(a * b)
-  a_hi, a_lo = split(a)
-  b_hi, b_lo = split(b)
-  e = rounded(a_hi * b_hi) - p
-  e = e + rounded(a_hi * b_lo)
-  e = e + rounded(a_lo * b_hi)
-  e = e + rounded(a_lo * b_lo)
+  p, e = numerics.two_prod(a * scale, b)
   return p / scale, e / scale  # exact: a power of two
 
 
