@@ -33,8 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jax_observers._src import progress as progress_lib
-from jax_observers._src import stacked
+from jax_observers._src import calibration, stacked
 from jax_observers._src.base import QParamsUnavailableError
 from jax_observers._src.fake_quant_state import (
   disable_fake_quant,
@@ -178,22 +177,21 @@ def calibrate(
       f"variables has no {COLLECTION!r} collection (it has {sorted(variables)}): the model holds no "
       "jo.linen.Observe or FakeQuant, or variables came from another model."
     )
-  step = jax.jit(lambda v, args: model.apply(v, *args, mutable=list(mutable), **kwargs)[1])
-  before = variables[COLLECTION]
-  seen = 0
-  label = progress if isinstance(progress, str) else f"calibrating {type(model).__name__}"
-  for batch in progress_lib.bar(batches, label) if progress else batches:
-    args = batch if isinstance(batch, tuple) else (batch,)
-    variables = {**variables, **step(variables, args)}
-    seen += 1
-  if not seen:
-    raise ValueError("calibrate got no batches.")
-  if stacked.trees_equal(before, variables[COLLECTION]):
-    raise ValueError(
-      f"calibrate ran {seen} batches but no observer state changed: are the observers disabled "
-      "(jo.disable_observer) or in quantize mode, or every batch empty or NaN?"
-    )
-  return variables
+  jitted = jax.jit(lambda v, args: model.apply(v, *args, mutable=list(mutable), **kwargs)[1])
+  current = {"variables": variables}
+
+  def step(args):
+    current["variables"] = {**current["variables"], **jitted(current["variables"], args)}
+
+  calibration.run(
+    step,
+    batches,
+    states=lambda: current["variables"][COLLECTION],
+    progress=progress,
+    name=type(model).__name__,
+    disable_hint="jo.disable_observer",
+  )
+  return current["variables"]
 
 
 def _sites(model: nn.Module, variables, args, kwargs) -> dict[tuple[str, ...], tuple]:

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_observers._src import fake_quant_state, stacked
-from jax_observers._src import progress as progress_lib
+from jax_observers._src import calibration, fake_quant_state, stacked
 from jax_observers._src.base import QParamsUnavailableError
 from jax_observers._src.partial import resolve_config
 
@@ -183,20 +182,15 @@ def calibrate(model: nnx.Module, batches: Iterable, *, progress: bool | str = Fa
   """
   if not any(True for _ in _modules(model)):
     raise ValueError(f"{type(model).__name__} holds no jo.nnx.Observe or FakeQuant module.")
-  step = nnx.jit(lambda m, args: m(*args))
-  before = jax.tree.map(lambda a: a, nnx.state(model, ObserverVariable))
-  seen = 0
-  label = progress if isinstance(progress, str) else f"calibrating {type(model).__name__}"
-  for batch in progress_lib.bar(batches, label) if progress else batches:
-    step(model, batch if isinstance(batch, tuple) else (batch,))
-    seen += 1
-  if not seen:
-    raise ValueError("calibrate got no batches.")
-  if stacked.trees_equal(before, nnx.state(model, ObserverVariable)):
-    raise ValueError(
-      f"calibrate ran {seen} batches but no observer state changed: are the observers disabled "
-      "(jo.nnx.disable_observer) or in quantize mode, or every batch empty or NaN?"
-    )
+  jitted = nnx.jit(lambda m, args: m(*args))
+  calibration.run(
+    lambda args: jitted(model, args),
+    batches,
+    states=lambda: jax.tree.map(lambda a: a, nnx.state(model, ObserverVariable)),
+    progress=progress,
+    name=type(model).__name__,
+    disable_hint="jo.nnx.disable_observer",
+  )
   return model
 
 
