@@ -294,3 +294,12 @@ def test_nnx_quantize_mode_and_calibrate_errors():
   qp = obs.calculate_qparams()
   np.testing.assert_array_equal(obs(x * 3), jo.fake_quantize_per_tensor_affine(x * 3, *qp, 0, 255))
   chex.assert_trees_all_equal(obs.calculate_qparams(), qp)  # quantize mode observes nothing
+
+
+def test_a_state_that_does_not_fit_its_observer_is_named():
+  from jax_observers._src import stacked
+
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  state = jo.MinMaxObserver().init(jnp.zeros(3))
+  with pytest.raises(ValueError, match="the state at 'a/b' does not fit its observer"):
+    stacked.leading_axes(jo.HistogramObserver(), state, spec, "a/b")

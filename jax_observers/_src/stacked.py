@@ -45,7 +45,7 @@ def leading_axes(config, state, spec, name: str) -> int:
   """How many stacked axes ``state`` has in front of the state ``config.init(spec)`` would give."""
   core = jax.eval_shape(config.init, spec)
   got, want = jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(core)
-  extra = {np.ndim(g) - len(w.shape) for g, w in zip(got, want, strict=True)}
+  extra = {np.ndim(g) - len(w.shape) for g, w in zip(got, want, strict=False)}
   if len(got) != len(want) or len(extra) != 1 or min(extra) < 0:
     raise ValueError(
       f"the state at {name!r} does not fit its observer {type(config).__name__}: leaf shapes "
