@@ -17,8 +17,10 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Test helpers (tests/torch_oracle.py, tests/registry.py) import by name under --import-mode=importlib.
+# Test helpers (tests/torch_oracle.py, tests/registry.py) import by name under --import-mode=importlib,
+# and the examples as ``from examples import demo``.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
 
 ORACLES = ("torch", "torchao", "onnxruntime")
 
@@ -28,7 +30,7 @@ collect_ignore = []
 if importlib.util.find_spec("qwix") is None:
   collect_ignore += [
     "jax_observers/qwix.py",
-    "jax_observers/_src/qwix_bridge.py",
+    "jax_observers/_src/ptq/qwix_bridge.py",
     "notebooks/06_qwix_ptq.ipynb",
   ]
 

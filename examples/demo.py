@@ -1,6 +1,6 @@
 """The main job: calibrate a small Flax model with several observers and compare them.
 
-Run with ``python -m jax_observers.demo`` (after ``pip install -e '.[demo]'``). It trains a small MLP on
+Run with ``python examples/demo.py`` (after ``pip install -e '.[demo]'``). It trains a small MLP on
 scikit-learn's bundled 8x8 digits, then for each observer (min/max, moving average, torch's histogram
 L2 search, percentile, MSE, entropy) calibrates the input and hidden activations through
 ``jo.linen.Observe`` with a progress bar, simulates 4-bit-activation inference (uint4 activations, int8

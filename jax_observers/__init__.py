@@ -2,17 +2,29 @@
 
 from jax_observers import linen, nnx, plot
 from jax_observers._src import export as _export
-from jax_observers._src.affine import (
+from jax_observers._src.affine.granularity import (
+  BlockLayout,
+  Granularity,
+  PerAxis,
+  PerBlock,
+  PerGroup,
+  PerRow,
+  PerTensor,
+  PerToken,
+  block_layout,
+  get_block_size,
+)
+from jax_observers._src.affine.observers import (
   AffineQuantizedMinMaxObserver,
   AffineQuantizedMovingAverageMinMaxObserver,
 )
-from jax_observers._src.affine_qparams import (
+from jax_observers._src.affine.qparams import (
   MappingType,
   ZeroPointDomain,
   choose_qparams_affine,
   choose_qparams_affine_with_min_max,
 )
-from jax_observers._src.affine_quant import dequantize_affine, quantize_affine
+from jax_observers._src.affine.quantize import dequantize_affine, quantize_affine
 from jax_observers._src.base import (
   FLOAT32_EPS,
   Observer,
@@ -27,23 +39,24 @@ from jax_observers._src.base import (
   per_tensor_affine,
   per_tensor_symmetric,
 )
-from jax_observers._src.calibrators import (
-  HistogramEntropyObserver,
-  HistogramMSEObserver,
-  HistogramPercentileObserver,
-)
-from jax_observers._src.fake_quant import (
+from jax_observers._src.config import PartialConfig
+from jax_observers._src.fake_quant.codes import dequantize, quantize
+from jax_observers._src.fake_quant.fake_quantize import (
   FakeQuantize,
   FakeQuantizeBase,
   FixedQParamsFakeQuantize,
 )
-from jax_observers._src.fake_quant_codes import dequantize, quantize
-from jax_observers._src.fake_quant_fused import FusedMovingAvgObsFakeQuantize
-from jax_observers._src.fake_quant_ops import (
+from jax_observers._src.fake_quant.fused import FusedMovingAvgObsFakeQuantize
+from jax_observers._src.fake_quant.learnable import LearnableFakeQuantize
+from jax_observers._src.fake_quant.learnable_ops import (
+  fake_quantize_learnable_per_channel_affine,
+  fake_quantize_learnable_per_tensor_affine,
+)
+from jax_observers._src.fake_quant.ops import (
   fake_quantize_per_channel_affine,
   fake_quantize_per_tensor_affine,
 )
-from jax_observers._src.fake_quant_presets import (
+from jax_observers._src.fake_quant.presets import (
   default_affine_fixed_qparams_fake_quant,
   default_dynamic_fake_quant,
   default_embedding_fake_quant,
@@ -61,7 +74,7 @@ from jax_observers._src.fake_quant_presets import (
   fused_per_channel_wt_fake_quant_range_neg_127_to_127,
   fused_wt_fake_quant_range_neg_127_to_127,
 )
-from jax_observers._src.fake_quant_state import (
+from jax_observers._src.fake_quant.state import (
   FakeQuantizeState,
   LearnableFakeQuantizeState,
   disable_fake_quant,
@@ -72,49 +85,40 @@ from jax_observers._src.fake_quant_state import (
   enable_static_estimate,
   enable_static_observation,
 )
-from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
-from jax_observers._src.fp8 import AmaxState, Float8Observer, float8_scale_from_amax
-from jax_observers._src.fp8_delayed import DelayedScalingState, Float8DelayedScalingObserver
-from jax_observers._src.granularity import (
-  BlockLayout,
-  Granularity,
-  PerAxis,
-  PerBlock,
-  PerGroup,
-  PerRow,
-  PerTensor,
-  PerToken,
-  block_layout,
-  get_block_size,
-)
-from jax_observers._src.hist_accumulate import HistogramState
-from jax_observers._src.histogram import HistogramObserver, default_histogram_observer
-from jax_observers._src.learnable import LearnableFakeQuantize
-from jax_observers._src.learnable_ops import (
-  fake_quantize_learnable_per_channel_affine,
-  fake_quantize_learnable_per_tensor_affine,
-)
-from jax_observers._src.minmax import MinMaxObserver, MinMaxState, MovingAverageMinMaxObserver
-from jax_observers._src.mx import (
+from jax_observers._src.formats.fp8 import AmaxState, Float8Observer, float8_scale_from_amax
+from jax_observers._src.formats.fp8_delayed import DelayedScalingState, Float8DelayedScalingObserver
+from jax_observers._src.formats.mx import (
   MXObserver,
   ScaleCalculationMode,
   e8m0_to_float32,
   mx_exponent_from_amax,
   to_mx,
 )
-from jax_observers._src.partial import PartialConfig
-from jax_observers._src.per_channel import (
+from jax_observers._src.formats.pow2_scale import Pow2ScaleObserver, pow2_round, pow2_scale
+from jax_observers._src.histogram.accumulate import HistogramState
+from jax_observers._src.histogram.calibrators import (
+  HistogramEntropyObserver,
+  HistogramMSEObserver,
+  HistogramPercentileObserver,
+)
+from jax_observers._src.histogram.observer import HistogramObserver, default_histogram_observer
+from jax_observers._src.observers.fixed import FixedQParamsObserver, FixedQParamsState
+from jax_observers._src.observers.minmax import (
+  MinMaxObserver,
+  MinMaxState,
+  MovingAverageMinMaxObserver,
+)
+from jax_observers._src.observers.per_channel import (
   MovingAveragePerChannelMinMaxObserver,
   PerChannelMinMaxObserver,
 )
-from jax_observers._src.placeholder import (
+from jax_observers._src.observers.placeholder import (
   EmptyState,
   NoopObserver,
   PlaceholderObserver,
   ReuseInputObserver,
 )
-from jax_observers._src.pow2 import Pow2ScaleObserver, pow2_round, pow2_scale
-from jax_observers._src.presets import (
+from jax_observers._src.observers.presets import (
   default_affine_fixed_qparams_observer,
   default_debug_observer,
   default_dynamic_quant_observer,
@@ -131,9 +135,8 @@ from jax_observers._src.presets import (
   per_channel_weight_observer_range_neg_127_to_127,
   weight_observer_range_neg_127_to_127,
 )
-from jax_observers._src.recording import RecordingObserver, RecordingState
-from jax_observers._src.state_dict import load_state_dict, state_dict
-from jax_observers._src.weights import (
+from jax_observers._src.observers.recording import RecordingObserver, RecordingState
+from jax_observers._src.ptq.weights import (
   QuantizedArray,
   dequantize_params,
   int4_weight_rules,
@@ -141,6 +144,7 @@ from jax_observers._src.weights import (
   quantize_params,
   sqnr,
 )
+from jax_observers._src.serialization import load_state_dict, state_dict
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from jax_observers._src import calibration, stacked
 from jax_observers._src.base import QParamsUnavailableError
-from jax_observers._src.fake_quant_state import (
+from jax_observers._src.config import resolve_config
+from jax_observers._src.fake_quant.state import (
   disable_fake_quant,
   disable_observer,
   enable_fake_quant,
@@ -44,7 +45,6 @@ from jax_observers._src.fake_quant_state import (
   enable_static_estimate,
   enable_static_observation,
 )
-from jax_observers._src.partial import resolve_config
 
 COLLECTION = "observers"
 

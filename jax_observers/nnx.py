@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_observers._src import calibration, fake_quant_state, stacked
+from jax_observers._src import calibration, stacked
 from jax_observers._src.base import QParamsUnavailableError
-from jax_observers._src.partial import resolve_config
+from jax_observers._src.config import resolve_config
+from jax_observers._src.fake_quant import state as fake_quant_state
 
 
 class ObserverVariable(nnx.Variable):

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jax_observers._src import calibrators
+from jax_observers._src.histogram import calibrators
 
 
 def _pyplot():

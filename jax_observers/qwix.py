@@ -122,8 +122,8 @@ except ImportError as e:  # the optional ``qwix`` extra
     "jax_observers.qwix needs qwix 0.1.8: pip install 'jax_observers[qwix]'."
   ) from e
 
-from jax_observers._src import qwix_bridge
 from jax_observers._src.base import Observer, QParams, UniformObserver
+from jax_observers._src.ptq import qwix_bridge
 
 COLLECTION = qwix_bridge.COLLECTION
 

@@ -217,14 +217,14 @@ def test_state_dict_round_trip_and_example_shape_check():
 )
 def test_block_min_max_schedule_is_exact_with_nan_and_inf(shape, axes):
   """The chunked (min, max) schedule against NumPy, masked pass included."""
-  from jax_observers._src import reduce
+  from jax_observers._src import stats
 
   rng = np.random.default_rng(sum(shape))
   x = rng.standard_normal(shape).astype(np.float32) * 100
   x.flat[rng.integers(x.size, size=5)] = np.nan
   x.flat[rng.integers(x.size, size=2)] = np.inf
   for ignore in (False, True):
-    lo, hi = jax.jit(lambda x, i=ignore: reduce.batch_min_max(x, axes, ignore_nonfinite=i))(x)
+    lo, hi = jax.jit(lambda x, i=ignore: stats.batch_min_max(x, axes, ignore_nonfinite=i))(x)
     kept = np.where(np.isfinite(x) if ignore else ~np.isnan(x), x, np.nan)
     assert_same(lo, np.nanmin(kept, axis=axes))
     assert_same(hi, np.nanmax(kept, axis=axes))

@@ -295,7 +295,7 @@ def test_section9_reference_values():
 def test_percentile_breaks_exact_ties_in_integer_arithmetic():
   """qN an integer reached exactly: the clip is that bin (a float32 q N, or a float64 running CDF,
   can move to the next non-empty bin). Counts beyond float32's 2**24 stay exact."""
-  from jax_observers._src import calibrators_search as search
+  from jax_observers._src.histogram import calibrator_search as search
 
   edges = jnp.arange(9, dtype=jnp.float32)
   for p, hist in (

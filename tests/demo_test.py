@@ -1,11 +1,11 @@
-"""The README's main job: python -m jax_observers.demo prints a table and writes a PNG."""
+"""The README's main job: python examples/demo.py prints a table and writes a PNG."""
 
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from jax_observers import demo
+from examples import demo
 
 
 def test_demo_prints_one_row_per_observer_and_writes_the_plot(tmp_path, capsys):

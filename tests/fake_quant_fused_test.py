@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_observers as jo
-from jax_observers._src.fake_quant_fused import choose_quantization_params_numpy
+from jax_observers._src.fake_quant.fused import choose_quantization_params_numpy
 
 torch = pytest.importorskip("torch")
 from torch.ao.quantization import fake_quantize as tfq  # noqa: E402

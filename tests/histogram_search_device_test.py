@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jax_observers as jo
-from jax_observers._src import histogram_search, histogram_search_device, qparams
+from jax_observers._src.histogram import search_device, search_host
+from jax_observers._src.observers import qparams
 
 B = 112  # histograms per vmapped call: one shape per (bins, dst_nbins), so one compile each.
 KINDS = (
@@ -37,7 +38,7 @@ DEGENERATE = ("overflow", "underflow")
 
 @functools.cache
 def _device():
-  return jax.jit(jax.vmap(histogram_search_device.search, (0, 0, 0, None)), static_argnums=3)
+  return jax.jit(jax.vmap(search_device.search, (0, 0, 0, None)), static_argnums=3)
 
 
 def _from_data(rng, x, bins):
@@ -106,7 +107,7 @@ def _host(hist, lo, hi, dst_nbins):
   if not (np.isfinite(lo) and np.isfinite(hi)):
     return lo, hi
   with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-    return histogram_search.l2_search(hist, lo, hi, dst_nbins)
+    return search_host.l2_search(hist, lo, hi, dst_nbins)
 
 
 def _bits(values):
@@ -225,7 +226,7 @@ def test_jit_and_vmap_over_a_stack_with_never_observed_entries():
     np.stack(v) for v in zip(*(_histogram(rng, k, 64) for k in kinds), strict=True)
   )
   hists, los, his = hists.reshape(2, 3, 64), los.reshape(2, 3), his.reshape(2, 3)
-  search = functools.partial(histogram_search_device.search, dst_nbins=16)
+  search = functools.partial(search_device.search, dst_nbins=16)
   stacked = jax.jit(search)(hists, los, his)
   nested = jax.jit(jax.vmap(jax.vmap(search)))(hists, los, his)
   for idx in np.ndindex(2, 3):
@@ -245,7 +246,7 @@ def test_two_spikes_is_fast_and_matches_torch():
   t.min_val.fill_(0.0)
   t.max_val.fill_(1.0)
   expected = [v.item() for v in t._non_linear_param_search()]
-  got = jax.jit(histogram_search_device.search, static_argnums=3)(hist, 0.0, 1.0, 256)
+  got = jax.jit(search_device.search, static_argnums=3)(hist, 0.0, 1.0, 256)
   assert [float(v) for v in got] == expected
   assert [_bits(v).item() for v in got] == _bits(_host(hist, 0.0, 1.0, 256)).tolist()
 
@@ -253,7 +254,7 @@ def test_two_spikes_is_fast_and_matches_torch():
 def test_export_serializes_without_host_callbacks():
   rng = np.random.default_rng(3)
   hist, lo, hi = _histogram(rng, "laplace", 256)
-  fn = jax.jit(functools.partial(histogram_search_device.search, dst_nbins=256))
+  fn = jax.jit(functools.partial(search_device.search, dst_nbins=256))
   exported = jax.export.export(fn)(hist, lo, hi)
   text = exported.mlir_module()
   assert "stablehlo.custom_call" not in text  # host callbacks are custom calls
@@ -265,7 +266,7 @@ def test_export_serializes_without_host_callbacks():
 
 def test_rejects_bad_dst_nbins():
   with pytest.raises(ValueError, match="dst_nbins=100"):
-    histogram_search_device.search(jnp.zeros(8), 0.0, 1.0, 100)
+    search_device.search(jnp.zeros(8), 0.0, 1.0, 100)
 
 
 def test_f32_of_f64_double_rounding():
@@ -278,7 +279,7 @@ def test_f32_of_f64_double_rounding():
     [np.float32(-(2.0**-60)), ulp / 2, one + ulp],  # ties to even after double rounding
     [np.float32(2.0**-60), -ulp / 4, one],  # below a power of two
   ]
-  f = jax.jit(histogram_search_device.f32_of_f64)
+  f = jax.jit(search_device.f32_of_f64)
   for terms in cases:
     exact = sum(float(t) for t in terms)  # each case is exact in float64 or rounds as intended
     want = np.float32(np.float64(sum(np.float64(t) for t in terms)))
@@ -314,7 +315,7 @@ def test_f32_of_f64_is_float32_of_the_float64_rounding():
 
   rng = np.random.default_rng(11)
   terms = _near_ties(rng, 4000)
-  got = _bits(jax.jit(histogram_search_device.f32_of_f64)(terms))
+  got = _bits(jax.jit(search_device.f32_of_f64)(terms))
   exact = [sum(map(Fraction, map(float, col)), Fraction(0)) for col in zip(*terms, strict=True)]
   want = _bits(np.array([float(x) for x in exact], np.float64).astype(np.float32))
   assert (got == want).all(), np.flatnonzero(got != want)[:5]
@@ -327,8 +328,8 @@ def test_exact_sums_match_the_host():
   rows = rng.standard_normal((64, 512)) * 2.0 ** rng.integers(-30, 30, (64, 512))
   rows[::3] = np.abs(rows[::3])
   rows = rows.astype(np.float32)
-  got = jax.jit(histogram_search_device.exact_sum)(rows)
-  assert (_bits(got) == _bits(histogram_search.f32_sums(rows))).all()
+  got = jax.jit(search_device.exact_sum)(rows)
+  assert (_bits(got) == _bits(search_host.f32_sums(rows))).all()
   hists = [
     rng.poisson(50, (8, 512)),
     rng.poisson(3, (8, 512)) / 16.0,
@@ -336,7 +337,7 @@ def test_exact_sums_match_the_host():
   ]
   hists = np.concatenate(hists).astype(np.float32)
   want = np.cumsum(hists, -1, dtype=np.float64).astype(np.float32)
-  assert (_bits(jax.jit(histogram_search_device.exact_cumsum)(hists)) == _bits(want)).all()
+  assert (_bits(jax.jit(search_device.exact_cumsum)(hists)) == _bits(want)).all()
 
 
 @pytest.mark.parametrize("bins", [100, 1000])
@@ -356,14 +357,12 @@ def test_widths_round_as_python_floats(bins):
   dst_nbins = rng.choice([16, 256], size)
 
   def widths(lo, hi, n, dst_inv):
-    bw, inv = histogram_search_device._quotient(lo, hi, bins)
+    bw, inv = search_device._quotient(lo, hi, bins)
     terms = []
     for q in bw:
-      p, e = histogram_search_device._two_prod(q, n)
+      p, e = search_device._two_prod(q, n)
       terms += [e * inv * dst_inv, p * inv * dst_inv]
-    return histogram_search_device.f32_of_f64([q * inv for q in bw]), (
-      histogram_search_device.f32_of_f64(terms)
-    )
+    return search_device.f32_of_f64([q * inv for q in bw]), (search_device.f32_of_f64(terms))
 
   got = jax.jit(jax.vmap(widths))(lo, hi, n, (1.0 / dst_nbins).astype(np.float32))
   bw = [(float(b) - float(a)) / bins for a, b in zip(lo, hi, strict=True)]

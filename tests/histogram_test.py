@@ -11,8 +11,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 import jax_observers as jo
-from jax_observers._src import histogram_numerics as hn
-from jax_observers._src import histogram_search
+from jax_observers._src.histogram import arithmetic, search_host
 
 torch = pytest.importorskip("torch")
 
@@ -107,9 +106,9 @@ def test_linspace_and_upscale_match_torch():
     a, b = np.sort(rng.standard_normal(2).astype(np.float32) * np.float32(10 ** rng.uniform(-3, 3)))
     n = int(rng.choice([2, 101, 2049, 32769]))
     ref = torch.linspace(torch.tensor(a), torch.tensor(b), n).numpy()
-    np.testing.assert_array_equal(np.asarray(hn.linspace(a, b, n)), ref)
+    np.testing.assert_array_equal(np.asarray(arithmetic.linspace(a, b, n)), ref)
   tobs = torch.ao.quantization.HistogramObserver(bins=256)
-  upscale = jax.jit(hn.upscale)
+  upscale = jax.jit(arithmetic.upscale)
   for _ in range(10):
     hist = (rng.integers(0, 1000, 256) / 16.0 ** rng.integers(0, 3)).astype(np.float32)
     lo = np.float32(rng.standard_normal())
@@ -129,7 +128,7 @@ def test_search_skips_idle_steps_like_torch():
   tobs.min_val.fill_(0.0)
   tobs.max_val.fill_(1.0)
   expected = [v.item() for v in tobs._non_linear_param_search()]
-  got = histogram_search.l2_search(hist, 0.0, 1.0, 256)
+  got = search_host.l2_search(hist, 0.0, 1.0, 256)
   assert [float(v) for v in got] == expected
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import jax_observers as jo
-from jax_observers._src import calibrators_search as search
+from jax_observers._src.histogram import calibrator_search as search
 
 pytest.importorskip("onnx")
 calibrate = pytest.importorskip("onnxruntime.quantization.calibrate")

@@ -18,7 +18,7 @@ datasets = pytest.importorskip("sklearn.datasets")
 
 import jax_observers as jo  # noqa: E402
 import jax_observers.qwix  # noqa: E402
-from jax_observers._src import qwix_bridge  # noqa: E402
+from jax_observers._src.ptq import qwix_bridge  # noqa: E402
 
 # qwix 0.1.8's flax_util.unbox reads nnx.VariableState, which flax 0.12 deprecates on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed:DeprecationWarning")

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import fake_quant_ops as ops
-from jax_observers._src.partial import WithArgs
+from jax_observers._src.config import WithArgs
+from jax_observers._src.fake_quant import ops
 from jax_observers._src.readable import ReadableRepr
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.1920928955078125e-07, torch's default eps

@@ -1,9 +1,29 @@
-"""Float32 arithmetic that rounds exactly where torch rounds.
+r"""Float32 arithmetic that rounds exactly where torch rounds.
 
 XLA rewrites ``x / c`` into ``x * (1 / c)`` when ``c`` is a broadcast scalar or a constant, and XLA:CPU
 contracts ``a + b * c`` into one fused multiply-add. Both change the last bit of results that torch
 computes with separate IEEE float32 roundings. The helpers here keep each operation a separate,
 correctly rounded float32 operation, inside and outside ``jax.jit``.
+
+On top of those, error-free transformations (Knuth's TwoSum, Dekker's TwoProduct) give the exact
+float32 building blocks torch's kernels need: a fused multiply-add and integer differences.
+
+torch's AVX2/AVX512 CPU kernels are compiled with FMA contraction, so some of its expressions are one
+fused multiply-add, :math:`\mathrm{rn}(a b + c)`, rounded once. JAX has no FMA primitive and XLA
+fuses only when it likes, so :func:`fma` computes the correctly rounded result from error-free
+transformations in plain float32:
+
+.. math::
+   a b + c = s_h + t_h + t_l \text{ exactly}, \qquad
+   \mathrm{fma}(a, b, c) = \mathrm{rn}(s_h + t_h) \text{, moved one step when } t_l
+   \text{ breaks a tie.}
+
+Every product that feeds a sum goes through :func:`rounded`, so XLA:CPU cannot contract it into an
+FMA of its own, which would break the error-free transformations.
+
+References:
+  Dekker, "A floating-point technique for extending the available precision" (1971).
+  Knuth, TAOCP vol. 2, 4.2.2 (TwoSum).
 """
 
 from __future__ import annotations
@@ -86,7 +106,7 @@ def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``a = hi + lo`` with 12-bit halves (Veltkamp), for |a| < 2**100."""
+  """``a = hi + lo`` with 12-bit halves (Veltkamp), for |a| < 2**115 (``4097 a`` finite)."""
   c = rounded(_SPLITTER * a)
   hi = c - (c - a)
   return hi, a - hi
@@ -94,7 +114,7 @@ def split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(p, e)`` with ``p = rn(a b)`` and ``a b = p + e`` exactly (Dekker), products kept apart
-  from the adds (no FMA), for |a|, |b| < 2**100."""
+  from the adds (no FMA), for |a|, |b| < 2**115."""
   p = rounded(a * b)
   a_hi, a_lo = split(a)
   b_hi, b_lo = split(b)
@@ -102,3 +122,65 @@ def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   e = e + rounded(a_hi * b_lo)
   e = e + rounded(a_lo * b_hi)
   return p, e + rounded(a_lo * b_lo)
+
+
+_SAFE = np.float32(2.0**115)  # Veltkamp's split (4097 a) cannot overflow below this magnitude.
+
+
+def round_three(high: jax.Array, mid: jax.Array, low: jax.Array) -> jax.Array:
+  """``rn(high + mid + low)`` for an expansion whose ``low`` lies below ``mid``'s last bit."""
+  r, e = two_sum(high, mid)
+  toward = jnp.nextafter(r, r + e)
+  half = (toward - r) * np.float32(0.5)
+  breaks_tie = (e != 0) & (e == half) & (low != 0) & (jnp.signbit(low) == jnp.signbit(e))
+  return jnp.where(breaks_tie, toward, r)
+
+
+def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+  r"""float32 :math:`\mathrm{rn}(a b + c)` with one rounding, as a hardware FMA computes it.
+
+  Non-finite inputs and magnitudes beyond 2**115 fall back to ``rn(rn(a b) + c)``, which has the same
+  infinities, NaNs and sign there.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax_observers._src.numerics import fma
+    >>> a = jnp.float32(1 + 2**-12)
+    >>> float(fma(a, a, jnp.float32(-1))) == 2**-11 + 2**-24  # the plain product loses 2**-24
+    True
+  """
+  a, b, c = (jnp.asarray(v, jnp.float32) for v in (a, b, c))
+  a, b, c = jnp.broadcast_arrays(a, b, c)
+  ph, pl = two_prod(a, b)
+  sh, sl = two_sum(ph, c)
+  th, tl = two_sum(sl, pl)
+  exact = round_three(sh, th, tl)
+  plain = ph + c
+  safe = (jnp.abs(a) < _SAFE) & (jnp.abs(b) < _SAFE) & jnp.isfinite(c) & jnp.isfinite(exact)
+  return jnp.where(safe, exact, plain)
+
+
+def int_sub_to_float32(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``float32(a - b)`` for int32 ``a`` and ``b``, rounded once from the exact (33-bit) difference.
+
+  torch subtracts in int64 and converts; int32 arithmetic would wrap. The magnitude of the exact
+  difference is below 2**32, so it is exact as a uint32, and uint32 -> float32 rounds once.
+  """
+  a = jnp.asarray(a, jnp.int32)
+  b = jnp.asarray(b, jnp.int32)
+  nonneg = a >= b
+  wrapped = jnp.where(nonneg, a - b, b - a)  # two's complement: equals |a - b| modulo 2**32.
+  magnitude = lax.bitcast_convert_type(wrapped, jnp.uint32).astype(jnp.float32)
+  return jnp.where(nonneg, magnitude, -magnitude)
+
+
+def float32_at_least(n: int) -> np.float32:
+  """The smallest float32 >= the integer ``n``: ``f >= n`` iff ``f >= float32_at_least(n)``."""
+  f = np.float32(n)
+  return np.nextafter(f, np.float32(np.inf)) if int(f) < n else f
+
+
+def float32_at_most(n: int) -> np.float32:
+  """The largest float32 <= the integer ``n``: ``f <= n`` iff ``f <= float32_at_most(n)``."""
+  f = np.float32(n)
+  return np.nextafter(f, np.float32(-np.inf)) if int(f) > n else f

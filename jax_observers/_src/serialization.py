@@ -12,14 +12,14 @@ reason``. Other modules register their observers with :func:`register`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from jax_observers._src import minmax, placeholder, recording
 from jax_observers._src.base import Observer
-from jax_observers._src.fixed import FixedQParamsObserver, FixedQParamsState
-from jax_observers._src.per_channel import PerChannelMinMaxObserver
+from jax_observers._src.observers import minmax, placeholder, recording
+from jax_observers._src.observers.fixed import FixedQParamsObserver, FixedQParamsState
+from jax_observers._src.observers.per_channel import PerChannelMinMaxObserver
 
 
 @functools.singledispatch
@@ -222,6 +222,35 @@ def running_range(
       "Pass strict=False to load those entries as never observed",
     )
   return np.where(bad, np.float32(np.inf), lo), np.where(bad, np.float32(-np.inf), hi)
+
+
+def register_arrays(observer_cls: type, state_cls: type, fields: Sequence[str]) -> None:
+  """Registers ``observer_cls``: its state is ``state_cls(**{field: float32 array})``."""
+  fields = tuple(fields)
+
+  def to_dict(observer, state) -> dict[str, np.ndarray]:
+    return {name: np.array(getattr(state, name), np.float32) for name in fields}
+
+  def from_dict(observer, d, *, strict: bool, example):
+    arrays = take(d, fields, observer, strict)
+    values = {k: checked(observer, k, v) for k, v in zip(fields, arrays, strict=True)}
+    for k, v in values.items():
+      if np.isnan(v).any():  # NaN never enters these states; a NaN value is a corrupt one.
+        refuse(observer, k, v, "NaN, which no update of this observer produces")
+    if "min_val" in values and "max_val" in values:
+      values["min_val"], values["max_val"] = running_range(
+        observer, values["min_val"], values["max_val"], strict=strict, shapes=None
+      )
+    if example is not None:
+      expected = observer.init(example)
+      for k, v in values.items():
+        if v.shape != np.shape(getattr(expected, k)):
+          refuse(
+            observer, k, v, f"inputs like the example need shape {np.shape(getattr(expected, k))}"
+          )
+    return state_cls(**values)
+
+  register(observer_cls, to_dict, from_dict)
 
 
 def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ The torchao 0.18 counterparts: :class:`AffineQuantizedMinMaxObserver` is
 domains are deprecated and computes ``choose_qparams_affine_with_min_max`` regardless (zero kept,
 integer zero point); jo computes what the split functions give for those arguments
 (``_choose_qparams_affine_dont_preserve_zero``, ``_choose_qparams_affine_tinygemm``, see
-:mod:`affine_qparams`). :class:`AffineQuantizedMovingAverageMinMaxObserver` is torchao 0.18's
+:mod:`qparams`). :class:`AffineQuantizedMovingAverageMinMaxObserver` is torchao 0.18's
 ``AffineQuantizedMovingAverageMinMaxObserver``, which exists only in the pt2e copy
 (``torchao.quantization.pt2e._affine_quantization``), whose default ``eps`` is
 ``finfo(float32).eps``: jo keeps that default for it. Both compute the state in float32; torchao's
@@ -39,11 +39,13 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_quant, affine_serialization, minmax, reduce
-from jax_observers._src import granularity as gran
+from jax_observers._src import serialization, stats
+from jax_observers._src.affine import granularity as gran
+from jax_observers._src.affine import qparams as aq
+from jax_observers._src.affine import quantize as affine_quant
 from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
-from jax_observers._src.minmax import MinMaxState
+from jax_observers._src.observers import minmax
+from jax_observers._src.observers.minmax import MinMaxState
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,7 +141,7 @@ class AffineQuantizedMinMaxObserver(Observer):
       )
     if x.size == 0:
       return state
-    lo, hi = reduce.batch_min_max(
+    lo, hi = stats.batch_min_max(
       layout.view(x), layout.stat_axes, ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
     )
     return self.accumulate(state, lo, hi)
@@ -237,6 +239,4 @@ class AffineQuantizedMovingAverageMinMaxObserver(AffineQuantizedMinMaxObserver):
     return minmax.moving_average(state, lo, hi, self.averaging_constant)
 
 
-affine_serialization.register_arrays(
-  AffineQuantizedMinMaxObserver, MinMaxState, ("min_val", "max_val")
-)
+serialization.register_arrays(AffineQuantizedMinMaxObserver, MinMaxState, ("min_val", "max_val"))

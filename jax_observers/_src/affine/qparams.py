@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import compiled, numerics, reduce
-from jax_observers._src import granularity as gran
+from jax_observers._src import compiled, numerics, stats
+from jax_observers._src.affine import granularity as gran
 from jax_observers._src.base import QParams, canonical_dtype
 
 
@@ -299,7 +299,7 @@ def choose_qparams_affine(
   check_mapping(mapping_type, zero_point_domain, preserve_zero)
   quant_range = affine_quant_range(target_dtype, quant_min, quant_max)
   layout = gran.block_layout(jnp.shape(x), as_granularity(block_size), pad=pad)
-  lo, hi = reduce.batch_min_max(layout.view(x), layout.stat_axes, ignore_nonfinite=False)
+  lo, hi = stats.batch_min_max(layout.view(x), layout.stat_axes, ignore_nonfinite=False)
   qp = qparams_from_min_max(
     lo,
     hi,

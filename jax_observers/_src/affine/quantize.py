@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import affine_qparams as aq
 from jax_observers._src import compiled, numerics
-from jax_observers._src import granularity as gran
+from jax_observers._src.affine import granularity as gran
+from jax_observers._src.affine import qparams as aq
 
 ZPD = aq.ZeroPointDomain
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_observers._src import compiled
-from jax_observers._src import fake_quant_ops as ops
+from jax_observers._src.fake_quant import ops
 
 _INT32 = np.iinfo(np.int32)
 

@@ -1,6 +1,6 @@
 r"""``FakeQuantize`` and ``FixedQParamsFakeQuantize``: an observer plus fake quantization, functionally.
 
-The protocol (shared with :mod:`fake_quant_fused` and :mod:`learnable`), for a config ``fq``:
+The protocol (shared with :mod:`fused` and :mod:`learnable`), for a config ``fq``:
 
 * ``state = fq.init(x)`` builds the buffers for inputs shaped like ``x``;
 * ``y, state = fq.apply(state, x, axis_name=None)`` is torch's ``forward``: when
@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import base, fake_quant_state_dict, state_dict
+from jax_observers._src import base, serialization
 from jax_observers._src.base import Observer, QParams, QScheme, canonical_dtype, check_float_input
-from jax_observers._src.fake_quant_state import FakeQuantizeState
-from jax_observers._src.fixed import FixedQParamsObserver
-from jax_observers._src.minmax import MovingAverageMinMaxObserver
-from jax_observers._src.partial import PartialConfig, WithArgs
+from jax_observers._src.config import PartialConfig, WithArgs
+from jax_observers._src.fake_quant import layouts
+from jax_observers._src.fake_quant.state import FakeQuantizeState
+from jax_observers._src.observers.fixed import FixedQParamsObserver
+from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
 
 
 def _observer_root(observer) -> type:
@@ -321,8 +322,8 @@ class FixedQParamsFakeQuantize(FakeQuantize):
     return QParams(scale=state.scale, zero_point=state.zero_point)
 
 
-state_dict.register(
+serialization.register(
   FakeQuantize,
-  fake_quant_state_dict.fake_quantize_to_dict,
-  fake_quant_state_dict.fake_quantize_from_dict,
+  layouts.fake_quantize_to_dict,
+  layouts.fake_quantize_from_dict,
 )

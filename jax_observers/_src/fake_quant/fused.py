@@ -33,10 +33,10 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src.base import QParams, check_float_input
-from jax_observers._src.fake_quant import FakeQuantize, _same_types, branch
-from jax_observers._src.fake_quant_state import FakeQuantizeState
-from jax_observers._src.minmax import MovingAverageMinMaxObserver
-from jax_observers._src.per_channel import MovingAveragePerChannelMinMaxObserver
+from jax_observers._src.fake_quant.fake_quantize import FakeQuantize, _same_types, branch
+from jax_observers._src.fake_quant.state import FakeQuantizeState
+from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
+from jax_observers._src.observers.per_channel import MovingAveragePerChannelMinMaxObserver
 
 _F32, _F64 = np.float32, np.float64
 SMALL_SCALE_THRESHOLD = _F32(6.1e-5)  # fbgemm's cut-off, CPU only (the CUDA kernel has none)
@@ -106,7 +106,7 @@ def choose_quantization_params(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from jax_observers._src.fake_quant_fused import choose_quantization_params
+    >>> from jax_observers._src.fake_quant.fused import choose_quantization_params
     >>> qp = choose_quantization_params(jnp.array(-1.0), jnp.array(2.0), -128, 127, True)
     >>> round(float(qp.scale), 6), int(qp.zero_point)  # torch E18: 2/127, not 2/127.5
     (0.015748, 0)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import state_dict as state_dict_lib
-from jax_observers._src.fake_quant_state import FakeQuantizeState, LearnableFakeQuantizeState
+from jax_observers._src import serialization
+from jax_observers._src.fake_quant.state import FakeQuantizeState, LearnableFakeQuantizeState
 
 PREFIX = "activation_post_process."
 
@@ -34,13 +34,13 @@ def _split(fq, d: dict, own: tuple[str, ...], strict: bool):
   """``(own values, child dict)``; a missing own key is a KeyError, an unknown one (strict) a ValueError."""
   child = {k[len(PREFIX) :]: v for k, v in d.items() if k.startswith(PREFIX)}
   mine = {k: v for k, v in d.items() if not k.startswith(PREFIX)}
-  return state_dict_lib.take(mine, own, fq, strict), child
+  return serialization.take(mine, own, fq, strict), child
 
 
 def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):
   """``(observer state, channel count or None)``; a never-observed per-channel state is rebuilt."""
   obs = fq.activation_post_process
-  state = state_dict_lib.load_state_dict(obs, child, strict=strict, example=example)
+  state = serialization.load_state_dict(obs, child, strict=strict, example=example)
   if not per_channel:
     return jax.tree_util.tree_map(jnp.asarray, state), None
   sizes = [np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(state) if np.ndim(leaf)]
@@ -58,22 +58,22 @@ def _observer_state(fq, child: dict, strict: bool, example, per_channel: bool):
 def _qparam(fq, name, value, channels, per_channel: bool, dtype, strict: bool) -> jax.Array:
   """``scale``/``zero_point`` validated (:func:`state_dict.checked`) and shaped for the state."""
   integer = jnp.issubdtype(dtype, jnp.integer)
-  value = state_dict_lib.checked(fq, name, value, kind="int" if integer else "float")
+  value = serialization.checked(fq, name, value, kind="int" if integer else "float")
   if strict and not integer and np.isnan(value).any():
-    state_dict_lib.refuse(fq, name, value, "NaN (the module saw NaN data); pass strict=False")
+    serialization.refuse(fq, name, value, "NaN (the module saw NaN data); pass strict=False")
   value = value.reshape(-1)
   if not per_channel:
     if value.size != 1:
-      state_dict_lib.refuse(fq, name, value, "expected one value: the module is per tensor")
+      serialization.refuse(fq, name, value, "expected one value: the module is per tensor")
     return jnp.asarray(value.reshape(()), dtype)
   if value.size not in (1, channels):
-    state_dict_lib.refuse(fq, name, value, f"expected 1 or {channels} values, one per channel")
+    serialization.refuse(fq, name, value, f"expected 1 or {channels} values, one per channel")
   return jnp.asarray(np.broadcast_to(value, (channels,)), dtype)
 
 
 def _flag(fq, name, value, nonzero: bool = False) -> jax.Array:
   """torch's test of a flag buffer: ``flag[0] == 1`` (``FakeQuantize``) or ``!= 0`` (fused)."""
-  value = state_dict_lib.checked(fq, name, value, kind="flag")
+  value = serialization.checked(fq, name, value, kind="flag")
   first = value.reshape(-1)[0]
   return jnp.asarray(bool(first != 0) if nonzero else bool(first == 1))
 
@@ -90,7 +90,7 @@ def _channels(fq, scale, observed, example) -> int:
 
 
 def _child_dict(fq, state) -> dict[str, np.ndarray]:
-  child = state_dict_lib.state_dict(fq.activation_post_process, state.activation_post_process)
+  child = serialization.state_dict(fq.activation_post_process, state.activation_post_process)
   return {PREFIX + k: v for k, v in child.items()}
 
 
@@ -148,7 +148,7 @@ def learnable_to_dict(fq, state) -> dict[str, np.ndarray]:
 def learnable_from_dict(fq, d, *, strict, example):
   values, child = _split(fq, d, _LEARNABLE_KEYS, strict)
   scale, zero_point, fake_quant, observer, static, learning, eps = values
-  state_dict_lib.check_eps(eps, fq, strict)
+  serialization.check_eps(eps, fq, strict)
   _flag(fq, "observer_enabled", observer)  # validated; torch does not use it
   per_channel = fq.qscheme.is_per_channel
   obs_state, observed = _observer_state(fq, child, strict, example, per_channel)

@@ -27,11 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import base, fake_quant_state_dict, learnable_ops, state_dict
+from jax_observers._src import base, serialization
 from jax_observers._src.base import FLOAT32_EPS, Observer, QParams, QScheme, check_float_input
-from jax_observers._src.fake_quant import FakeQuantizeBase, _same_types, branch, build_observer
-from jax_observers._src.fake_quant_state import LearnableFakeQuantizeState
-from jax_observers._src.minmax import MovingAverageMinMaxObserver
+from jax_observers._src.fake_quant import layouts, learnable_ops
+from jax_observers._src.fake_quant.fake_quantize import (
+  FakeQuantizeBase,
+  _same_types,
+  branch,
+  build_observer,
+)
+from jax_observers._src.fake_quant.state import LearnableFakeQuantizeState
+from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
 
 
 @jax.custom_vjp
@@ -223,8 +229,8 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     return QParams(scale=scale, zero_point=zero_point.astype(jnp.int32))
 
 
-state_dict.register(
+serialization.register(
   LearnableFakeQuantize,
-  fake_quant_state_dict.learnable_to_dict,
-  fake_quant_state_dict.learnable_from_dict,
+  layouts.learnable_to_dict,
+  layouts.learnable_from_dict,
 )

@@ -37,9 +37,8 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jax_observers._src import compiled
-from jax_observers._src import fake_quant_numerics as fqn
-from jax_observers._src import fake_quant_ops as ops
+from jax_observers._src import compiled, numerics
+from jax_observers._src.fake_quant import ops
 
 
 def _check(x, quant_min, quant_max, grad_factor, fn):
@@ -78,7 +77,7 @@ def _coefficients(x, scale, z_b, quant_min, quant_max, grad_factor, per_channel)
   outside the range, 0 inside: each product rounded as torch rounds it.
   """
   inv = ops._inverse(scale)
-  q_f = jnp.round(fqn.fma(x, inv, z_b))
+  q_f = jnp.round(numerics.fma(x, inv, z_b))
   codes = ops._clip_codes(q_f, quant_min, quant_max)
   inside = ops._in_range(q_f, quant_min, quant_max, exact=True)
   below = ~inside & ~(q_f > ops._bounds(quant_min, quant_max, q_f.dtype)[1])  # NaN is below
@@ -88,12 +87,12 @@ def _coefficients(x, scale, z_b, quant_min, quant_max, grad_factor, per_channel)
     small = np.float32(quant_min) - z_b
     big = np.float32(quant_max) - z_b
   else:  # int64 arithmetic, then one conversion
-    diff = fqn.int_sub_to_float32(codes, z_int)
-    small = fqn.int_sub_to_float32(np.int32(quant_min), z_int)
-    big = fqn.int_sub_to_float32(np.int32(quant_max), z_int)
+    diff = numerics.int_sub_to_float32(codes, z_int)
+    small = numerics.int_sub_to_float32(np.int32(quant_min), z_int)
+    big = numerics.int_sub_to_float32(np.int32(quant_max), z_int)
   shape = x.shape
   k2 = jnp.where(
-    inside, fqn.fma(diff, scale, -x), jnp.broadcast_to(jnp.where(below, small, big), shape)
+    inside, numerics.fma(diff, scale, -x), jnp.broadcast_to(jnp.where(below, small, big), shape)
   )
   k1 = jnp.where(inside, jnp.broadcast_to(inv, shape), np.float32(1.0))
   s = jnp.where(inside, np.float32(1.0), jnp.broadcast_to(scale, shape))

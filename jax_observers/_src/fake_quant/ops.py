@@ -31,7 +31,7 @@ Deviations from torch 2.13 on x86 (everything else is bit for bit, NaN and ties 
 * Negative ``axis`` values are accepted (torch requires ``0 <= axis``); an int ``zero_point`` array
   is range-checked only when its values are known at trace time.
 
-:mod:`fake_quant_codes` exposes the integer codes themselves (``quantize``/``dequantize``).
+:mod:`codes` exposes the integer codes themselves (``quantize``/``dequantize``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import compiled, numerics
-from jax_observers._src import fake_quant_numerics as fqn
 
 _INT32 = np.iinfo(np.int32)
 
@@ -77,7 +76,7 @@ def _bounds(quant_min: int, quant_max: int, dtype) -> tuple[Any, Any]:
   """Thresholds ``lo, hi`` with ``f >= quant_min`` iff ``f >= lo`` and ``f <= quant_max`` iff ``f <= hi``."""
   if dtype == np.float64:
     return np.float64(quant_min), np.float64(quant_max)
-  return fqn.float32_at_least(quant_min), fqn.float32_at_most(quant_max)
+  return numerics.float32_at_least(quant_min), numerics.float32_at_most(quant_max)
 
 
 def _clip_codes(q_f, quant_min: int, quant_max: int) -> jax.Array:
@@ -128,7 +127,7 @@ def per_channel_codes(x, scale, zero_point, quant_min, quant_max):
     v = numerics.rounded(x * inv.astype(dtype)) + zero_point.astype(dtype)
     q_f = jnp.round(v.astype(jnp.float32))
   elif jnp.issubdtype(zero_point.dtype, jnp.floating):
-    q_f = jnp.round(fqn.fma(x.astype(jnp.float32), inv, zero_point.astype(jnp.float32)))
+    q_f = jnp.round(numerics.fma(x.astype(jnp.float32), inv, zero_point.astype(jnp.float32)))
   else:
     q_f = jnp.round(x.astype(dtype) * inv.astype(dtype)) + zero_point.astype(dtype)
   return _clip_codes(q_f, quant_min, quant_max), q_f
@@ -143,10 +142,10 @@ def dequantize_codes(codes, scale, zero_point, dtype=np.float32) -> jax.Array:
     y = (codes.astype(dtype) - zero_point.astype(dtype)) * scale.astype(dtype)
   elif jnp.issubdtype(zero_point.dtype, jnp.floating):
     # torch computes (q - z) * s in double: the difference is exact, the product rounds once.
-    high, low = fqn.two_sum(codes.astype(jnp.float32), -zero_point.astype(jnp.float32))
-    y = fqn.fma(high, scale, numerics.rounded(low * scale))
+    high, low = numerics.two_sum(codes.astype(jnp.float32), -zero_point.astype(jnp.float32))
+    y = numerics.fma(high, scale, numerics.rounded(low * scale))
   else:
-    y = fqn.int_sub_to_float32(codes, zero_point) * scale
+    y = numerics.int_sub_to_float32(codes, zero_point) * scale
   return numerics.rounded(y)
 
 

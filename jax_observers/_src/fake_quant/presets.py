@@ -16,12 +16,12 @@ from jax_observers._src.base import (
   per_tensor_affine,
   per_tensor_symmetric,
 )
-from jax_observers._src.fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from jax_observers._src.fake_quant_fused import FusedMovingAvgObsFakeQuantize
-from jax_observers._src.histogram import HistogramObserver
-from jax_observers._src.minmax import MovingAverageMinMaxObserver
-from jax_observers._src.per_channel import MovingAveragePerChannelMinMaxObserver
-from jax_observers._src.presets import (
+from jax_observers._src.fake_quant.fake_quantize import FakeQuantize, FixedQParamsFakeQuantize
+from jax_observers._src.fake_quant.fused import FusedMovingAvgObsFakeQuantize
+from jax_observers._src.histogram.observer import HistogramObserver
+from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
+from jax_observers._src.observers.per_channel import MovingAveragePerChannelMinMaxObserver
+from jax_observers._src.observers.presets import (
   default_fixed_qparams_range_0to1_observer,
   default_fixed_qparams_range_neg1to1_observer,
 )

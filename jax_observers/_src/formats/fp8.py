@@ -24,9 +24,9 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_serialization, numerics
-from jax_observers._src import granularity as gran
+from jax_observers._src import numerics, serialization
+from jax_observers._src.affine import granularity as gran
+from jax_observers._src.affine import qparams as aq
 from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
 from jax_observers._src.readable import ReadableRepr
 
@@ -195,4 +195,4 @@ class Float8Observer(Observer):
     return layout.unview(layout.view(q).astype(jnp.float32) * layout.broadcast(qparams.scale))
 
 
-affine_serialization.register_arrays(Float8Observer, AmaxState, ("amax",))
+serialization.register_arrays(Float8Observer, AmaxState, ("amax",))

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_serialization, fp8, numerics
+from jax_observers._src import numerics, serialization
+from jax_observers._src.affine import qparams as aq
 from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.formats import fp8
 from jax_observers._src.readable import ReadableRepr
 
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -151,6 +152,6 @@ class Float8DelayedScalingObserver(Observer):
     return jnp.asarray(q).astype(jnp.float32) * qparams.scale
 
 
-affine_serialization.register_arrays(
+serialization.register_arrays(
   Float8DelayedScalingObserver, DelayedScalingState, ("amax_history", "scale")
 )

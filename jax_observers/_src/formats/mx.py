@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import affine_qparams as aq
-from jax_observers._src import affine_serialization, compiled, fp8
-from jax_observers._src import granularity as gran
+from jax_observers._src import compiled, serialization
+from jax_observers._src.affine import granularity as gran
+from jax_observers._src.affine import qparams as aq
 from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.formats import fp8
 
 
 class ScaleCalculationMode(enum.Enum):
@@ -248,4 +249,4 @@ class MXObserver(Observer):
     return layout.unview(layout.view(q).astype(jnp.float32) * layout.broadcast(qparams.scale))
 
 
-affine_serialization.register_arrays(MXObserver, fp8.AmaxState, ("amax",))
+serialization.register_arrays(MXObserver, fp8.AmaxState, ("amax",))

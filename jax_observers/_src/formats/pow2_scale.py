@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import state_dict
+from jax_observers._src import serialization
 from jax_observers._src.base import Observer, QParams
 
 POW2_MODES = ("floor", "ceil", "round")
@@ -130,11 +130,11 @@ class Pow2ScaleObserver(Observer):
 
 
 def _to_dict(observer: Pow2ScaleObserver, state) -> dict[str, np.ndarray]:
-  return state_dict.state_dict(observer.observer, state)
+  return serialization.state_dict(observer.observer, state)
 
 
 def _from_dict(observer: Pow2ScaleObserver, d, *, strict, example):
-  return state_dict.load_state_dict(observer.observer, d, strict=strict, example=example)
+  return serialization.load_state_dict(observer.observer, d, strict=strict, example=example)
 
 
-state_dict.register(Pow2ScaleObserver, _to_dict, _from_dict)
+serialization.register(Pow2ScaleObserver, _to_dict, _from_dict)

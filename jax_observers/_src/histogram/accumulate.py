@@ -6,7 +6,7 @@ values seen, and a histogram on a grid that is a function of them.
 * ``range_policy='torch'``: the grid is the range itself, :math:`[m, M]` (torch's
   ``HistogramObserver``), float32 counts; when the range grows the old histogram is re-binned with
   torch's ``_upscale_histogram`` (approximate, order dependent, bit-exact with torch).
-* ``range_policy='pow2'``: the power-of-two grid of :mod:`hist_pow2`, int32 counts, exact bin
+* ``range_policy='pow2'``: the power-of-two grid of :mod:`pow2_grid`, int32 counts, exact bin
   merging: the state depends only on the multiset of values observed.
 
 Per channel, the channels are processed in groups (a ``lax.scan``): each group's counts go into a
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from jax_observers._src import base, hist_pow2
-from jax_observers._src import histogram_numerics as hn
+from jax_observers._src import base
+from jax_observers._src.histogram import arithmetic, pow2_grid
 from jax_observers._src.readable import ReadableRepr
-from jax_observers._src.reduce import SMALL, batch_min_max
+from jax_observers._src.stats import SMALL, batch_min_max
 
 RANGE_POLICIES = ("torch", "pow2")
 _GROUP_BYTES = 1 << 20  # int32 count table per group of channels: about half an L2.
@@ -103,9 +103,9 @@ def grid_edges(state: HistogramState, *, range_policy: str, mode: str):
   """The first and last bin edges of ``state.histogram`` per channel (histc's ``±1`` widening)."""
   bins = state.histogram.shape[-1]
   if range_policy == "pow2":
-    g, o = hist_pow2.grid(state.min_val, state.max_val, bins, mode)
-    return hist_pow2.edges(g, o, bins)
-  return hn.histc_edges(*mode_range(state.min_val, state.max_val, mode))
+    g, o = pow2_grid.grid(state.min_val, state.max_val, bins, mode)
+    return pow2_grid.edges(g, o, bins)
+  return arithmetic.histc_edges(*mode_range(state.min_val, state.max_val, mode))
 
 
 def accumulate(
@@ -134,7 +134,7 @@ def accumulate(
   fresh = ~(state.min_val <= state.max_val)
   new_min, new_max = jnp.minimum(state.min_val, lo), jnp.maximum(state.max_val, hi)
   if range_policy == "pow2":
-    grid = lambda a, b: hist_pow2.grid(a, b, bins, mode)
+    grid = lambda a, b: pow2_grid.grid(a, b, bins, mode)
     merge = _pow2_merge
   else:
     grid = lambda a, b: mode_range(a, b, mode)
@@ -144,9 +144,9 @@ def accumulate(
     """The merged histogram (``[bins]``, or ``[channels, bins]`` for ``values`` [channels, m])."""
     positions = _positions(range_policy, mode, bins, *(g[..., None] for g in grids[2:]))
     if hist.ndim == 1:
-      counts = hn.count(positions, values, bins)
+      counts = arithmetic.count(positions, values, bins)
     else:
-      counts = hn.count_rows(positions, values, bins, ones)
+      counts = arithmetic.count_rows(positions, values, bins, ones)
     if axis_name is not None:
       counts = lax.psum(counts, axis_name)
     return merge(hist, counts, fresh, seen, *grids)
@@ -202,8 +202,8 @@ def _positions(range_policy: str, mode: str, bins: int, a, b):
     keep = jnp.isfinite(v)
     values = jnp.abs(v) if mode == "absolute" else v
     if range_policy == "pow2":
-      return hist_pow2.positions(values, keep, a, b, bins)
-    return hn.histc_positions(values, keep, bins, a, b)
+      return pow2_grid.positions(values, keep, a, b, bins)
+    return arithmetic.histc_positions(values, keep, bins, a, b)
 
   return positions
 
@@ -242,15 +242,15 @@ def _pow2_merge(hist, counts, fresh, seen, g_old, o_old, g, o):
   """Exact bin merging onto the new grid, then a saturating add of the counts."""
   g_new = jnp.where(fresh, g_old, g)
   old = _if_moved(
-    fresh, (g_old, o_old), (g_new, o), lambda: hist_pow2.regrid(hist, g_old, o_old, g_new, o), hist
+    fresh, (g_old, o_old), (g_new, o), lambda: pow2_grid.regrid(hist, g_old, o_old, g_new, o), hist
   )
-  new = hist_pow2.saturating_add(jnp.where(fresh[..., None], 0, old), counts)
+  new = pow2_grid.saturating_add(jnp.where(fresh[..., None], 0, old), counts)
   return jnp.where(seen[..., None], new, hist)
 
 
 def _torch_merge(hist, counts, fresh, seen, old_lo, old_hi, new_lo, new_hi, *, upsample_rate):
   """torch's ``forward``: the old histogram carried onto the new range, plus the counts."""
-  carry = lambda a: hn.rebinned(*a, upsample_rate=upsample_rate)
+  carry = lambda a: arithmetic.rebinned(*a, upsample_rate=upsample_rate)
   operands = (hist, old_lo, old_hi, new_lo, new_hi)
   if hist.ndim == 1:
     base = carry(operands)

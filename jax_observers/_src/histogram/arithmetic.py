@@ -1,4 +1,4 @@
-r"""torch's histogram arithmetic in float32: ``histc``, ``linspace`` and ``_upscale_histogram``.
+r"""torch's histogram arithmetic in float32: ``histc`` binning, ``linspace`` and ``_upscale_histogram``.
 
 ``histc(x, bins, L, R)`` puts every finite :math:`x \in [L, R]` in bin
 
@@ -8,12 +8,8 @@ r"""torch's histogram arithmetic in float32: ``histc``, ``linspace`` and ``_upsc
 each operation one float32 rounding, as torch's CPU kernel does. ``linspace`` reproduces torch's
 x86 build, whose points are single-rounding fused multiply-adds
 :math:`v_i = \mathrm{fma}(s, i, a)` for :math:`i < n/2` and :math:`\mathrm{fma}(-s, n-1-i, b)`
-above; XLA has no FMA operation, so :func:`fma` emulates one exactly in float32 (Boldo and
-Melquiond's round-to-odd algorithm). ``upscale`` is torch's zero-order-hold re-binning.
-
-References:
-  S. Boldo, G. Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
-  rounding to odd", IEEE Trans. Computers 57(4), 2008.
+above; XLA has no FMA operation, so :func:`numerics.fma` emulates one exactly in float32.
+``upscale`` is torch's zero-order-hold re-binning.
 """
 
 from __future__ import annotations
@@ -31,21 +27,6 @@ _CHUNK = 1 << 18  # elements per scatter; XLA:CPU runs independent scatters in p
 _MAX_CHUNKS = 32
 
 
-def _add_round_to_odd(a, b):
-  """``a + b`` rounded to odd: truncated, with the last significand bit set when inexact."""
-  s, e = numerics.two_sum(a, b)
-  even = (lax.bitcast_convert_type(s, jnp.int32) & 1) == 0
-  away = jnp.nextafter(s, jnp.where(e > 0, jnp.float32(jnp.inf), jnp.float32(-jnp.inf)))
-  return jnp.where((e != 0) & even, away, s)
-
-
-def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-  """``a * b + c`` with a single float32 rounding (no overflow or underflow assumed)."""
-  p, pe = numerics.two_prod(a, b)
-  s, se = numerics.two_sum(c, p)
-  return s + _add_round_to_odd(se, pe)
-
-
 def linspace(start: jax.Array, end: jax.Array, num: int) -> jax.Array:
   """torch's CPU float32 ``torch.linspace(start, end, num)``, bit for bit."""
   start = jnp.asarray(start, jnp.float32)
@@ -58,7 +39,7 @@ def linspace(start: jax.Array, end: jax.Array, num: int) -> jax.Array:
   factor = jnp.asarray(np.where(lower, i, num - 1 - i).astype(np.float32))
   sign_step = jnp.where(jnp.asarray(lower), step, -step)
   origin = jnp.where(jnp.asarray(lower), start, end)
-  return fma(sign_step, factor, origin)
+  return numerics.fma(sign_step, factor, origin)
 
 
 def histc_edges(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -103,7 +84,7 @@ def count_rows(positions, x: jax.Array, length: int, ones: jax.Array) -> jax.Arr
   """int32 counts ``[R, length]``: row ``r`` counts ``positions(x)[r]`` (``x``: ``[R, m]``).
 
   One scatter into a zeroed ``[R * length]`` table; the caller keeps ``R * length`` small enough
-  to stay in cache (:mod:`hist_accumulate` feeds it groups of channels) and passes the scatter's
+  to stay in cache (:mod:`accumulate` feeds it groups of channels) and passes the scatter's
   ``ones`` (``[R * m]`` int32), so that inside a loop they are not rebuilt on every trip.
   """
   rows = x.shape[0]
@@ -112,12 +93,6 @@ def count_rows(positions, x: jax.Array, length: int, ones: jax.Array) -> jax.Arr
   flat = jnp.where(pos == length, rows * length, row * length + pos)  # rows * length: dropped
   table = jnp.zeros(rows * length, jnp.int32).at[flat.reshape(-1)].add(ones, mode="drop")
   return table.reshape(rows, length)
-
-
-def histc(x: jax.Array, bins: int, lo, hi) -> jax.Array:
-  """torch's ``histc(x, bins, min=lo, max=hi)`` of the finite values of ``x``, as float32 counts."""
-  positions = lambda v: histc_positions(v, jnp.isfinite(v), bins, lo, hi)
-  return count(positions, x, bins).astype(jnp.float32)
 
 
 def upscale(
@@ -162,8 +137,3 @@ def rebinned(hist, old_lo, old_hi, new_lo, new_hi, *, upsample_rate: int = 16) -
   same = (new_lo == old_lo) & (new_hi == old_hi)
   branch = jnp.where(same, 0, jnp.where(old_lo == old_hi, 1, 2))
   return lax.switch(branch, (lambda: hist, from_point, resample))
-
-
-def merge(hist, old_lo, old_hi, update, new_lo, new_hi, *, upsample_rate: int = 16) -> jax.Array:
-  """torch's ``forward`` after the first batch: ``rebinned(hist) + update`` (one rounding each)."""
-  return rebinned(hist, old_lo, old_hi, new_lo, new_hi, upsample_rate=upsample_rate) + update

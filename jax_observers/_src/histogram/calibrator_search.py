@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import numerics, qparams
+from jax_observers._src import numerics
+from jax_observers._src.observers import qparams
 
 
 def _prefix(hist: jax.Array) -> jax.Array:

@@ -1,9 +1,9 @@
 r"""Histogram calibrators: percentile, MSE and entropy (KL) clipping, per tensor or per channel.
 
 Each observer keeps a :class:`HistogramState` (``[bins]``, or ``[C, bins]`` for ``ch_axis`` set,
-updated in one pass over the data, a group of channels at a time: :mod:`hist_accumulate`) and
+updated in one pass over the data, a group of channels at a time: :mod:`accumulate`) and
 turns it into a clipping range :math:`[l, h]` with a named published method
-(:mod:`calibrators_search`); ``calculate_qparams`` then applies torch's formula
+(:mod:`calibrator_search`); ``calculate_qparams`` then applies torch's formula
 (:math:`s = (h^+ - l^-)/(q_{max} - q_{min})`, or the symmetric one).
 The default ``range_policy='pow2'`` makes the state independent of the batch split; ``'torch'``
 re-bins like torch's ``HistogramObserver``. NaN and :math:`\pm\infty` are never counted.
@@ -27,30 +27,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import calibrators_search as search
-from jax_observers._src import hist_accumulate, hist_pow2, histogram, histogram_numerics, qparams
-from jax_observers._src import state_dict as state_dict_lib
+from jax_observers._src import serialization
 from jax_observers._src.base import (
   QParams,
   QScheme,
   UniformObserver,
   check_float_input,
 )
-from jax_observers._src.hist_accumulate import HistogramState
-from jax_observers._src.histogram import check_histogram_config
+from jax_observers._src.histogram import accumulate, arithmetic, pow2_grid
+from jax_observers._src.histogram import calibrator_search as search
+from jax_observers._src.histogram import observer as histogram
+from jax_observers._src.histogram.accumulate import HistogramState
+from jax_observers._src.histogram.observer import check_histogram_config
+from jax_observers._src.observers import qparams
 
 
 def bin_edges(state: HistogramState, *, range_policy: str, mode: str) -> jax.Array:
   """The ``bins + 1`` edges of ``state.histogram`` (``[.., bins + 1]`` float32)."""
   bins = state.histogram.shape[-1]
   if range_policy == "pow2":
-    g, o = hist_pow2.grid(state.min_val, state.max_val, bins, mode)
-    lo, hi = hist_pow2.edges(g, o, bins)
+    g, o = pow2_grid.grid(state.min_val, state.max_val, bins, mode)
+    lo, hi = pow2_grid.edges(g, o, bins)
     width = (hi - lo) / np.float32(bins)  # a power of two: exact
     steps = jnp.arange(bins + 1, dtype=jnp.int32).reshape((1,) * o.ndim + (-1,)) - o[..., None]
     return steps.astype(jnp.float32) * width[..., None]
-  lo, hi = hist_accumulate.grid_edges(state, range_policy="torch", mode=mode)
-  space = lambda a, b: histogram_numerics.linspace(a, b, bins + 1)
+  lo, hi = accumulate.grid_edges(state, range_policy="torch", mode=mode)
+  space = lambda a, b: arithmetic.linspace(a, b, bins + 1)
   return jax.vmap(space)(lo, hi) if lo.ndim else space(lo, hi)
 
 
@@ -108,17 +110,17 @@ class _HistogramCalibrator(UniformObserver):
     check_float_input(x, self)
     axis = self._axis(x)
     shape = () if axis is None else (jnp.shape(x)[axis],)
-    return hist_accumulate.fresh_state(shape, self.bins, self.range_policy)
+    return accumulate.fresh_state(shape, self.bins, self.range_policy)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
     x = check_float_input(x, self)
     axis = self._axis(x)
     channels = () if axis is None else (jnp.shape(x)[axis],)
-    hist_accumulate.check_state(self, state, "update", channels, self.range_policy)
+    accumulate.check_state(self, state, "update", channels, self.range_policy)
     if x.size == 0:
       return state
-    return hist_accumulate.accumulate(
+    return accumulate.accumulate(
       state,
       x,
       ch_axis=axis,
@@ -144,7 +146,7 @@ class _HistogramCalibrator(UniformObserver):
 
   def calculate_qparams(self, state: HistogramState) -> QParams:
     channels = (None,) if self.ch_axis is not None else ()
-    hist_accumulate.check_state(self, state, "calculate_qparams", channels, self.range_policy)
+    accumulate.check_state(self, state, "calculate_qparams", channels, self.range_policy)
     lo, hi = self.clip_range(state)
     return qparams.calculate_qparams(lo, hi, self)
 
@@ -328,4 +330,4 @@ def _from_dict(observer, d, *, strict, example):
   )
 
 
-state_dict_lib.register(_HistogramCalibrator, _to_dict, _from_dict)
+serialization.register(_HistogramCalibrator, _to_dict, _from_dict)

@@ -9,9 +9,9 @@ that torch's greedy walk finds,
    (m', M') = \big(m + w\,s^\ast,\ m + w\,(e^\ast + 1)\big), \qquad w = \frac{M - m}{\mathrm{bins}},
 
 where :math:`[s^\ast, e^\ast]` is the last bin range before the modelled L2 error
-(:mod:`histogram_search`) first increases, and maps it to ``scale``/``zero_point`` like
+(:mod:`search_host`) first increases, and maps it to ``scale``/``zero_point`` like
 :class:`MinMaxObserver`. The search runs on the device, torch's Python-float (float64) steps
-emulated exactly in float32 arithmetic (:mod:`histogram_search_device`), under ``jit``, ``vmap``
+emulated exactly in float32 arithmetic (:mod:`search_device`), under ``jit``, ``vmap``
 and ``jax.export`` with x64 off; ``search='host'`` runs the NumPy mirror through a host callback.
 
 Non-finite values: NaN and :math:`\pm\infty` are dropped (torch drops :math:`\pm\infty` with a warning
@@ -27,14 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_observers._src import (
-  hist_accumulate,
-  hist_pow2,
-  histogram_search,
-  histogram_search_device,
-  qparams,
-)
-from jax_observers._src import state_dict as state_dict_lib
+from jax_observers._src import serialization
 from jax_observers._src.base import (
   QParams,
   UniformObserver,
@@ -43,7 +36,9 @@ from jax_observers._src.base import (
   per_tensor_symmetric,
   python_scalars,
 )
-from jax_observers._src.hist_accumulate import HistogramState
+from jax_observers._src.histogram import accumulate, pow2_grid, search_device, search_host
+from jax_observers._src.histogram.accumulate import HistogramState
+from jax_observers._src.observers import qparams
 
 _BITS = {"int8": 8, "uint8": 8, "uint4": 8, "int16": 16, "uint16": 16, "int32": 32}
 
@@ -56,18 +51,18 @@ def check_histogram_config(obs) -> None:
   python_scalars(obs)
   if isinstance(obs.bins, bool) or not isinstance(obs.bins, int) or obs.bins < 1:
     raise ValueError(f"bins={obs.bins!r} must be a positive int.")
-  if obs.range_policy not in hist_accumulate.RANGE_POLICIES:
+  if obs.range_policy not in accumulate.RANGE_POLICIES:
     raise ValueError(
-      f"range_policy={obs.range_policy!r}; expected one of {hist_accumulate.RANGE_POLICIES}."
+      f"range_policy={obs.range_policy!r}; expected one of {accumulate.RANGE_POLICIES}."
     )
   if obs.range_policy == "pow2":
-    hist_pow2.check_bins(obs.bins)
+    pow2_grid.check_bins(obs.bins)
   rate = obs.upsample_rate
   if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
     raise ValueError(f"upsample_rate={rate!r} must be a positive int.")
 
 
-SEARCHES = {"device": histogram_search_device.search, "host": histogram_search.search}
+SEARCHES = {"device": search_device.search, "host": search_host.search}
 DEVICE_MAX_DST_NBINS = 2**24  # int32/uint32-wide dtypes (2**32 destination bins) search on the host
 
 
@@ -82,7 +77,7 @@ class HistogramObserver(UniformObserver):
       power-of-two grid, independent of how the data was batched; the searched range is then
       clipped to the observed ``[min_val, max_val]``; ``bins`` must be a power of two).
     search: where torch's L2 search runs: ``'device'`` (default: float32/int32 on the device, torch's
-      float64 steps emulated exactly, no host callback, exportable; :mod:`histogram_search_device`)
+      float64 steps emulated exactly, no host callback, exportable; :mod:`search_device`)
       or ``'host'`` (NumPy through ``jax.pure_callback``). The two agree bit for bit except on
       ranges so small that XLA:CPU flushes the device's subnormal error terms (std below ~1e-10),
       where ``'host'`` keeps torch's answer. Dtypes wider than 24 bits (``int32``: 2**32
@@ -137,7 +132,7 @@ class HistogramObserver(UniformObserver):
 
   def init(self, x) -> HistogramState:
     check_float_input(x, self)
-    return hist_accumulate.fresh_state((), self.bins, self.range_policy)
+    return accumulate.fresh_state((), self.bins, self.range_policy)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
@@ -145,7 +140,7 @@ class HistogramObserver(UniformObserver):
     self.check_state(state, "update")
     if x.size == 0:
       return state
-    return hist_accumulate.accumulate(
+    return accumulate.accumulate(
       state,
       x,
       ch_axis=None,
@@ -157,7 +152,7 @@ class HistogramObserver(UniformObserver):
 
   def check_state(self, state: HistogramState, method: str) -> None:
     """At trace time: ``state`` is a ``bins``-bin histogram of this ``range_policy``."""
-    hist_accumulate.check_state(self, state, method, (), self.range_policy)
+    accumulate.check_state(self, state, method, (), self.range_policy)
 
   def search_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
     """The clipping range ``(new_min, new_max)`` of torch's ``_non_linear_param_search``."""
@@ -165,7 +160,7 @@ class HistogramObserver(UniformObserver):
     if self.range_policy == "torch":
       lo, hi = state.min_val, state.max_val
     else:
-      lo, hi = hist_accumulate.grid_edges(state, range_policy="pow2", mode="signed")
+      lo, hi = accumulate.grid_edges(state, range_policy="pow2", mode="signed")
     hist = jnp.asarray(state.histogram).astype(jnp.float32)
     search = self.search if self.dst_nbins <= DEVICE_MAX_DST_NBINS else "host"
     new_min, new_max = SEARCHES[search](hist, lo, hi, self.dst_nbins)
@@ -211,17 +206,17 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
   and, under ``strict``, NaN or inverted ranges (``strict=False`` loads them as never observed).
   """
   keys = ("eps", "histogram", "min_val", "max_val")
-  eps, hist, min_val, max_val = state_dict_lib.take(d, keys, observer, strict)
-  state_dict_lib.check_eps(eps, observer, strict)
+  eps, hist, min_val, max_val = serialization.take(d, keys, observer, strict)
+  serialization.check_eps(eps, observer, strict)
   bins, policy = observer.bins, observer.range_policy
   pow2 = policy == "pow2"
   if hist.ndim != (2 if channels else 1) or hist.shape[-1] != bins:
     want = "[C, bins]" if channels else "[bins]"
-    state_dict_lib.refuse(observer, "histogram", hist, f"expected shape {want} with bins={bins}")
+    serialization.refuse(observer, "histogram", hist, f"expected shape {want} with bins={bins}")
   integer = np.issubdtype(hist.dtype, np.integer)
   if integer != pow2:
     got = "range_policy='pow2' grid" if integer else "range_policy='torch' (torch's) bins"
-    state_dict_lib.refuse(
+    serialization.refuse(
       observer,
       "histogram",
       hist,
@@ -230,7 +225,7 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
       "cannot be converted exactly",
     )
   kind = "count" if pow2 else "float"
-  hist = state_dict_lib.checked(
+  hist = serialization.checked(
     observer, "histogram", hist, kind=kind, finite=True, nonnegative=True
   )
   shape = hist.shape[:-1]
@@ -240,8 +235,8 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
     max_val = np.full((), -np.inf, np.float32) if max_val.shape == (0,) else max_val
   never = np.asarray((min_val == np.inf) & (max_val == -np.inf)).reshape(shape)
   if np.any(never & np.any(hist != 0, axis=-1)):
-    state_dict_lib.refuse(observer, "histogram", hist, "counts on a range that observed nothing")
-  lo, hi = state_dict_lib.running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
+    serialization.refuse(observer, "histogram", hist, "counts on a range that observed nothing")
+  lo, hi = serialization.running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
   lo, hi = lo.reshape(shape), hi.reshape(shape)
   hist = np.where((lo <= hi)[..., None], hist, np.zeros((), hist.dtype))  # strict=False: reset
   if pow2:
@@ -252,18 +247,18 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
 def _check_pow2_grid(observer, hist, lo, hi, mode):
   """Refuses counts that lie outside the bins ``[min_val, max_val]`` covers on the pow2 grid."""
   bins = hist.shape[-1]
-  g, o = hist_pow2.grid(jnp.asarray(lo), jnp.asarray(hi), bins, mode)
+  g, o = pow2_grid.grid(jnp.asarray(lo), jnp.asarray(hi), bins, mode)
   seen = jnp.asarray(lo <= hi)
   if mode == "absolute":
     first = jnp.zeros(g.shape, jnp.int32)
-    last = hist_pow2.positions(jnp.maximum(-lo, hi), seen, g, o, bins)
+    last = pow2_grid.positions(jnp.maximum(-lo, hi), seen, g, o, bins)
   else:
-    first = hist_pow2.positions(jnp.asarray(lo), seen, g, o, bins)
-    last = hist_pow2.positions(jnp.asarray(hi), seen, g, o, bins)
+    first = pow2_grid.positions(jnp.asarray(lo), seen, g, o, bins)
+    last = pow2_grid.positions(jnp.asarray(hi), seen, g, o, bins)
   j = np.arange(bins)
   outside = (j < np.asarray(first)[..., None]) | (j > np.asarray(last)[..., None])
   if np.any(outside & (hist != 0)):
-    state_dict_lib.refuse(
+    serialization.refuse(
       observer,
       "histogram",
       hist,
@@ -276,4 +271,4 @@ def _from_dict(observer, d, *, strict, example):
   return histogram_from_dict(observer, d, strict=strict, channels=False)
 
 
-state_dict_lib.register(HistogramObserver, _to_dict, _from_dict)
+serialization.register(HistogramObserver, _to_dict, _from_dict)

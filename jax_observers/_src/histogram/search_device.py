@@ -1,6 +1,6 @@
 r"""torch's L2 range search (``_non_linear_param_search``) on the device, float32/int32 only.
 
-The same walk as :mod:`histogram_search` (which runs it on the host in NumPy/float64), in one
+The same walk as :mod:`search_host` (which runs it on the host in NumPy/float64), in one
 ``lax.while_loop``: no host callback, so it runs where the histogram lives and ``jax.export`` can
 serialize it. torch's float64 steps are emulated with error-free transforms
 (:func:`numerics.two_sum`, :func:`numerics.two_prod`):
@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import histogram_search, numerics
+from jax_observers._src import numerics
+from jax_observers._src.histogram import search_host
 from jax_observers._src.numerics import exact_div, rounded, two_sum
 
 _F32 = np.float32
@@ -57,7 +58,7 @@ _BIG = _F32(2.0**60)  # two_prod operands above this are scaled down first (spli
 def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """alpha_k, beta_k as exact ``[K, 3]`` float32 expansions (large first), and ``L(k_a)``: the
   number of ``k_b`` with ``beta[k_b] > alpha[k_a]`` (torch's loop runs while ``k_b < L(k_a)``)."""
-  alpha, beta = (np.asarray(v, np.float64) for v in histogram_search._cutoffs())
+  alpha, beta = (np.asarray(v, np.float64) for v in search_host._cutoffs())
 
   def triple(v):
     parts, rest = [], v
@@ -326,7 +327,7 @@ def _edges(min_val, max_val, bins, start, end):
 
 
 def search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, dst_nbins: int):
-  """:func:`histogram_search.search` on the device: ``(new_min, new_max)`` float32.
+  """:func:`search_host.search` on the device: ``(new_min, new_max)`` float32.
 
   Args:
     hist: ``[..., bins]`` histogram counts.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import numerics, qparams
+from jax_observers._src import numerics
 from jax_observers._src.base import (
   QParams,
   UniformObserver,
@@ -28,8 +28,9 @@ from jax_observers._src.base import (
   per_tensor_affine,
   per_tensor_symmetric,
 )
+from jax_observers._src.observers import qparams
 from jax_observers._src.readable import ReadableRepr
-from jax_observers._src.reduce import batch_min_max
+from jax_observers._src.stats import batch_min_max
 
 
 class MinMaxState(ReadableRepr, struct.PyTreeNode, repr=False):

@@ -12,7 +12,6 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from jax_observers._src import minmax, qparams
 from jax_observers._src.base import (
   QParams,
   check_state,
@@ -20,6 +19,7 @@ from jax_observers._src.base import (
   per_channel_affine_float_qparams,
   per_channel_symmetric,
 )
+from jax_observers._src.observers import minmax, qparams
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,11 +9,11 @@ from jax_observers._src.base import (
   per_channel_symmetric,
   per_tensor_symmetric,
 )
-from jax_observers._src.fixed import FixedQParamsObserver
-from jax_observers._src.minmax import MinMaxObserver
-from jax_observers._src.per_channel import PerChannelMinMaxObserver
-from jax_observers._src.placeholder import PlaceholderObserver, ReuseInputObserver
-from jax_observers._src.recording import RecordingObserver
+from jax_observers._src.observers.fixed import FixedQParamsObserver
+from jax_observers._src.observers.minmax import MinMaxObserver
+from jax_observers._src.observers.per_channel import PerChannelMinMaxObserver
+from jax_observers._src.observers.placeholder import PlaceholderObserver, ReuseInputObserver
+from jax_observers._src.observers.recording import RecordingObserver
 
 default_observer = MinMaxObserver.with_args(quant_min=0, quant_max=127)
 default_placeholder_observer = PlaceholderObserver

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import affine_qparams as aq
-from jax_observers._src import granularity as gran
-from jax_observers._src.affine import AffineQuantizedMinMaxObserver
+from jax_observers._src.affine import granularity as gran
+from jax_observers._src.affine import qparams as aq
+from jax_observers._src.affine.observers import AffineQuantizedMinMaxObserver
 from jax_observers._src.base import Observer, QParams
 from jax_observers._src.readable import ReadableRepr
 
