@@ -59,8 +59,36 @@ def test_callable_rules_default_and_refusals(params):
     params, [(r"bias$", None)], default=int8.replace(granularity=jo.PerTensor())
   )
   assert "Conv_0/kernel" in report and "Dense_0/bias" not in report
-  with pytest.raises(TypeError, match="cannot quantize weights"):
-    jo.quantize_params(params, [(r"kernel$", jo.MinMaxObserver())])
+  with pytest.raises(TypeError, match="PlaceholderObserver cannot quantize weights"):
+    jo.quantize_params(params, [(r"kernel$", jo.PlaceholderObserver())])
+
+
+@pytest.mark.parametrize(
+  "observer",
+  [
+    jo.PerChannelMinMaxObserver(ch_axis=1, dtype=jnp.int8, qscheme=jo.per_channel_symmetric),
+    jo.MinMaxObserver(dtype=jnp.uint8),
+    jo.HistogramObserver(dtype=jnp.int8, qscheme=jo.per_tensor_symmetric, bins=256),
+  ],
+  ids=["per-channel-int8", "minmax-uint8", "histogram-int8"],
+)
+def test_uniform_observers_are_quantizers_of_weights(params, observer):
+  """Every uniform observer declares the quantizer capability: its codes are torch's
+  clip(rne(w / s) + z) (NumPy reference, torch multiplies by the float32 inverse scale)."""
+  assert isinstance(observer, jo.Quantizer)
+  quantized, report = jo.quantize_params(params, [(r"Dense_0/kernel$", observer)])
+  leaf = quantized["Dense_0"]["kernel"]
+  w = np.asarray(params["Dense_0"]["kernel"], np.float32)
+  scale = np.asarray(leaf.qparams.scale, np.float32)
+  zero_point = np.asarray(leaf.qparams.zero_point, np.int64)
+  qmin, qmax = observer.quant_range
+  inv = np.float32(1) / scale
+  ref = np.clip(np.rint(w * inv) + zero_point, qmin, qmax)
+  np.testing.assert_array_equal(np.asarray(leaf.qvalue, np.int64), ref)
+  assert leaf.qvalue.dtype == observer.dtype
+  deq = np.asarray(leaf.dequantize())
+  np.testing.assert_array_equal(deq, ((ref - zero_point) * scale).astype(np.float32))
+  assert float(report["Dense_0/kernel"]) > 30
 
 
 def _affine(mapping, dtype, granularity, **kw):

@@ -1,4 +1,10 @@
-"""QScheme, QParams, dtype ranges and the Observer protocol shared by every observer."""
+"""The protocols (``Observer``, ``Quantizer``), QScheme, QParams and dtype ranges.
+
+``Observer`` is the one protocol every config satisfies, observers and fake quantization alike: a
+frozen config with pure ``init``, ``update`` and ``calculate_qparams`` (optax's ``init``/``update``
+pair, on observation state). ``Quantizer`` is a capability a config declares: it maps values to real
+codes with its qparams and back (``jo.quantize_params`` takes any ``Quantizer``).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from jax_observers._src.config import WithArgs
-from jax_observers._src.fake_quant import ops
+from jax_observers._src.fake_quant import codes, ops
 from jax_observers._src.readable import ReadableRepr
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.1920928955078125e-07, torch's default eps
@@ -191,17 +197,6 @@ def degenerate_range(min_val, max_val) -> jax.Array:
   return ~fresh & jnp.any(~valid_range(min_val, max_val))
 
 
-def fake_quantize_on_grid(observer, x, qparams: QParams) -> jax.Array:
-  """torch's fake quantization on ``observer``'s ``quant_range`` (per channel on its ``ch_axis``)."""
-  quant_min, quant_max = observer.quant_range
-  scale, zero_point = qparams
-  if observer.qscheme.is_per_channel:
-    return ops.fake_quantize_per_channel_affine(
-      x, scale, zero_point, observer.ch_axis, quant_min, quant_max
-    )
-  return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
-
-
 class Observer(WithArgs, abc.ABC):
   """The observer protocol: a frozen config with pure ``init``, ``update``, ``calculate_qparams``.
 
@@ -251,6 +246,65 @@ class Observer(WithArgs, abc.ABC):
     return dataclasses.replace(self, **changes)
 
 
+class Quantizer(abc.ABC):
+  """A declared capability: ``quantize`` values to codes with qparams, and ``dequantize`` them back.
+
+  Configs that subclass it (uniform observers, torchao's affine observers, FP8, MX, power-of-two
+  scales) can quantize weights (``jo.quantize_params``); ``dequantize(quantize(x, qp), qp)`` is the
+  config's ``fake_quantize(x, qp)``.
+  """
+
+  @abc.abstractmethod
+  def quantize(self, x, qparams: QParams) -> jax.Array:
+    """``x`` as codes on this config's grid (an integer or low-precision float array)."""
+
+  @abc.abstractmethod
+  def dequantize(self, q, qparams: QParams) -> jax.Array:
+    """The codes ``q`` back to float32 values."""
+
+
+class UniformGrid(Quantizer):
+  """A declared integer grid: ``qscheme``, ``quant_range`` and ``dtype`` (and ``ch_axis`` per channel).
+
+  torch's uniform observers and ``FixedQParamsObserver`` are on one; ``FakeQuantize`` needs an
+  observer that is. Fake quantization, codes and values all follow from the grid.
+  """
+
+  qscheme: QScheme
+  dtype: Any
+
+  @property
+  @abc.abstractmethod
+  def quant_range(self) -> tuple[int, int]:
+    """The ``(quant_min, quant_max)`` of the codes."""
+
+  @property
+  def grid_axis(self) -> int | None:
+    """The channel axis of per-channel qparams, ``None`` per tensor."""
+    return self.ch_axis if self.qscheme.is_per_channel else None
+
+  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
+    """torch's ``fake_quantize_per_{tensor,channel}_affine`` on this grid."""
+    quant_min, quant_max = self.quant_range
+    scale, zero_point = qparams
+    if self.grid_axis is not None:
+      return ops.fake_quantize_per_channel_affine(
+        x, scale, zero_point, self.grid_axis, quant_min, quant_max
+      )
+    return ops.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+
+  def quantize(self, x, qparams: QParams) -> jax.Array:
+    """Integer codes of ``dtype``: the ones :meth:`fake_quantize` computes."""
+    quant_min, quant_max = self.quant_range
+    return codes.quantize(
+      x, *qparams, dtype=self.dtype, axis=self.grid_axis, quant_min=quant_min, quant_max=quant_max
+    )
+
+  def dequantize(self, q, qparams: QParams) -> jax.Array:
+    """The codes back to float32, ``(q - z) s`` rounded once, as :meth:`fake_quantize` does."""
+    return codes.dequantize(q, *qparams, axis=self.grid_axis)
+
+
 def check_float_input(x, observer: object) -> jax.Array:
   """``x`` as an array with a real floating dtype, or a TypeError naming the observer."""
   dtype = getattr(x, "dtype", None)
@@ -266,8 +320,9 @@ def check_float_input(x, observer: object) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class UniformObserver(Observer):
-  """Shared config of torch's ``UniformQuantizationObserverBase`` observers."""
+class UniformObserver(UniformGrid, Observer):
+  """Shared config of torch's ``UniformQuantizationObserverBase`` observers; they quantize to
+  integer codes of ``dtype`` on ``quant_range`` (torch's ``quantize_per_tensor``/``_per_channel``)."""
 
   dtype: Any = jnp.uint8
   qscheme: QScheme = per_tensor_affine
@@ -313,10 +368,6 @@ class UniformObserver(Observer):
   def degenerate(self, state) -> jax.Array:
     """See :meth:`Observer.degenerate`: the running range read from ``state.min_val/max_val``."""
     return degenerate_range(state.min_val, state.max_val)
-
-  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
-    """torch's ``fake_quantize_per_{tensor,channel}_affine`` with this observer's range."""
-    return fake_quantize_on_grid(self, x, qparams)
 
   @property
   def has_customized_qrange(self) -> bool:

@@ -6,7 +6,8 @@
 dict back, or a real torch observer's ``state_dict()`` (tensors are copied, never shared). Every
 loader validates its values through :func:`checked` (and :func:`running_range`, :func:`check_eps`),
 so all of them refuse the same things with the same message: ``Obs state_dict['key'] = value:
-reason``. Other modules register their observers with :func:`register`.
+reason``. Each observer's module registers its layout with :func:`register` (or
+:func:`register_arrays`); this module knows no observer.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from jax_observers._src.base import Observer
-from jax_observers._src.observers import minmax, placeholder, recording
-from jax_observers._src.observers.fixed import FixedQParamsObserver, FixedQParamsState
-from jax_observers._src.observers.per_channel import PerChannelMinMaxObserver
 
 
 @functools.singledispatch
@@ -251,74 +249,3 @@ def register_arrays(observer_cls: type, state_cls: type, fields: Sequence[str]) 
     return state_cls(**values)
 
   register(observer_cls, to_dict, from_dict)
-
-
-def _minmax_to_dict(observer, state) -> dict[str, np.ndarray]:
-  min_val = np.array(state.min_val, np.float32)
-  max_val = np.array(state.max_val, np.float32)
-  fresh = min_val.ndim == 1 and np.all(min_val == np.inf) and np.all(max_val == -np.inf)
-  if fresh:  # torch's per-channel observers start from empty [0] buffers.
-    min_val, max_val = np.zeros(0, np.float32), np.zeros(0, np.float32)
-  return {"eps": np.array([observer.eps], np.float32), "min_val": min_val, "max_val": max_val}
-
-
-def _minmax_from_dict(observer, d, *, strict, example):
-  eps, min_val, max_val = take(d, ("eps", "min_val", "max_val"), observer, strict)
-  check_eps(eps, observer, strict)
-  per_channel = isinstance(observer, PerChannelMinMaxObserver)
-  if per_channel and min_val.ndim != 1:
-    refuse(observer, "min_val", min_val, "expected shape [C] (or torch's empty [0])")
-  shapes = [min_val.shape] if per_channel else [(), (1,)]
-  min_val, max_val = running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
-  shape = min_val.shape if per_channel else ()
-  return minmax.MinMaxState(min_val=min_val.reshape(shape), max_val=max_val.reshape(shape))
-
-
-def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
-  return {
-    "scale": np.array(state.scale, np.float32).reshape(1),
-    "zero_point": np.array(state.zero_point, np.int32).reshape(1),
-  }
-
-
-def _fixed_from_dict(observer, d, *, strict, example):
-  scale, zero_point = take(d, ("scale", "zero_point"), observer, strict)
-  scale = checked(observer, "scale", scale, shapes=[(1,), ()], finite=True)
-  zero_point = checked(observer, "zero_point", zero_point, kind="int", shapes=[(1,), ()])
-  return FixedQParamsState(scale=scale.reshape(()), zero_point=zero_point.reshape(()))
-
-
-def _empty_to_dict(observer, state) -> dict[str, np.ndarray]:
-  return {}
-
-
-def _empty_from_dict(observer, d, *, strict, example):
-  take(d, (), observer, strict)
-  return placeholder.EmptyState()
-
-
-def _recording_to_dict(observer, state) -> dict[str, np.ndarray]:
-  """torch's: empty (its recorded list is no buffer), so torch's strict load accepts it. The
-  recording itself is kept by Flax serialization of the state, not by the state dict."""
-  return {}
-
-
-def _recording_from_dict(observer, d, *, strict, example):
-  if not d:  # torch keeps the recorded list outside its state_dict, and so does state_dict().
-    if example is None:
-      raise ValueError(
-        "RecordingObserver's state_dict is empty (as torch's); pass example= to init."
-      )
-    return observer.init(example)
-  # the keys of jax_observers < 0.2, which recorded into the state dict
-  tensor_val, count = take(d, ("tensor_val", "count"), observer, strict)
-  if tensor_val.ndim < 1 or tensor_val.shape[0] != observer.capacity:
-    refuse(observer, "tensor_val", tensor_val, f"expected [capacity={observer.capacity}, ...]")
-  count = checked(observer, "count", count, kind="count", shapes=[(), (1,)], nonnegative=True)
-  return recording.RecordingState(tensor_val=tensor_val, count=count.reshape(()))
-
-
-register(minmax.MinMaxObserver, _minmax_to_dict, _minmax_from_dict)
-register(FixedQParamsObserver, _fixed_to_dict, _fixed_from_dict)
-register(placeholder._Stateless, _empty_to_dict, _empty_from_dict)
-register(recording.RecordingObserver, _recording_to_dict, _recording_from_dict)

@@ -43,13 +43,20 @@ from jax_observers._src import serialization, stats
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
 from jax_observers._src.affine import quantize as affine_quant
-from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.base import (
+  Observer,
+  QParams,
+  Quantizer,
+  canonical_dtype,
+  check_state,
+  python_scalars,
+)
 from jax_observers._src.observers import minmax
 from jax_observers._src.observers.minmax import MinMaxState
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AffineQuantizedMinMaxObserver(Observer):
+class AffineQuantizedMinMaxObserver(Observer, Quantizer):
   r"""Running per-block min and max; torchao's qparams for any granularity and integer dtype.
 
   Args:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,15 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import base, serialization
-from jax_observers._src.base import Observer, QParams, QScheme, canonical_dtype, check_float_input
-from jax_observers._src.config import PartialConfig, WithArgs
+from jax_observers._src.base import (
+  Observer,
+  QParams,
+  QScheme,
+  UniformGrid,
+  canonical_dtype,
+  check_float_input,
+)
+from jax_observers._src.config import PartialConfig
 from jax_observers._src.fake_quant import layouts
 from jax_observers._src.fake_quant.state import FakeQuantizeState
 from jax_observers._src.observers.fixed import FixedQParamsObserver
@@ -59,7 +66,9 @@ def build_observer(observer, quant_min, quant_max, *, strict_order: bool, **extr
   ``replace``-d). ``strict_order`` requires ``quant_min < quant_max`` (torch's learnable fake quant).
   """
   root = _observer_root(observer)
-  if not (isinstance(root, type) and issubclass(root, Observer)):
+  if not (isinstance(root, type) and issubclass(root, Observer)) or issubclass(
+    root, FakeQuantizeBase
+  ):
     raise TypeError(f"observer={observer!r} must be an Observer class, partial or instance.")
   names = {f.name for f in dataclasses.fields(root) if f.init}
   kwargs = {k: v for k, v in extra.items() if k in names}
@@ -96,16 +105,13 @@ def _same_types(new, old):
   )
 
 
-class FakeQuantizeBase(WithArgs, abc.ABC):
-  """The fake-quant protocol: ``init``, ``apply``, ``update``, ``calculate_qparams`` (module docstring)."""
+class FakeQuantizeBase(Observer):
+  """Fake quantization satisfies the observer protocol (``init``, ``update``, ``calculate_qparams``)
+  and adds ``apply``: the fake-quantized input with the new state (module docstring).
 
-  # State fields that are trainable parameters (LSQ's scale and zero_point): Flax keeps them in
-  # 'params' / nnx.Param and writes them into the state before each apply.
-  trainable_fields: ClassVar[tuple[str, ...]] = ()
-
-  @abc.abstractmethod
-  def init(self, x) -> Any:
-    """A fresh state for inputs shaped like ``x``."""
+  ``trainable_fields`` names the state fields that are trainable parameters (LSQ's scale and zero
+  point): Flax keeps them in 'params' / nnx.Param and writes them into the state before each apply.
+  """
 
   @abc.abstractmethod
   def apply(self, state, x, *, axis_name=None) -> tuple[jax.Array, Any]:
@@ -119,23 +125,11 @@ class FakeQuantizeBase(WithArgs, abc.ABC):
   def calculate_qparams(self, state) -> QParams:
     """torch's ``calculate_qparams()``."""
 
-  def unobserved(self, state) -> jax.Array | None:
-    """True when the observer inside has seen nothing (see ``Observer.unobserved``)."""
-    return None
-
-  def degenerate(self, state) -> jax.Array | None:
-    """True where the observer inside holds a degenerate range (see ``Observer.degenerate``)."""
-    return None
-
   def check_state(self, state, method: str) -> None:
     """At trace time, a ValueError unless ``state`` is this config's kind of state."""
     shapes = [(None,)] if self.qscheme.is_per_channel else [()]
     fields = {"scale": (shapes, jnp.float32), "zero_point": (shapes, self.zero_point_dtype())}
     base.check_state(self, state, self.state_kind, method, fields)
-
-  def replace(self, **changes):
-    """A copy of this config with ``changes`` (validated again)."""
-    return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,16 +170,10 @@ class FakeQuantize(FakeQuantizeBase):
     obs = build_observer(
       self.observer, self.quant_min, self.quant_max, strict_order=False, is_dynamic=self.is_dynamic
     )
-    quant_range = getattr(obs, "quant_range", None)
-    if (
-      not isinstance(getattr(obs, "qscheme", None), QScheme)
-      or not isinstance(quant_range, tuple)
-      or not all(isinstance(v, (int, np.integer)) for v in quant_range)
-      or type(obs).calculate_qparams is Observer.calculate_qparams
-    ):
+    if not isinstance(obs, UniformGrid):
       raise TypeError(
-        f"{type(self).__name__} needs an observer with a qscheme and a quantized range; "
-        f"got {type(obs).__name__}."
+        f"{type(self).__name__} needs an observer on a uniform integer grid (a jo.UniformGrid: "
+        f"a qscheme and a quantized range); got {type(obs).__name__}."
       )
     object.__setattr__(self, "activation_post_process", obs)
 
@@ -205,7 +193,8 @@ class FakeQuantize(FakeQuantizeBase):
   @property
   def ch_axis(self) -> int:
     """The observer's channel axis, or -1 per tensor (torch's attribute)."""
-    return getattr(self.activation_post_process, "ch_axis", -1) if self.is_per_channel else -1
+    axis = self.activation_post_process.grid_axis
+    return -1 if axis is None else axis
 
   def qparams_shape(self, x) -> tuple[int, ...]:
     if not self.is_per_channel:
@@ -243,9 +232,11 @@ class FakeQuantize(FakeQuantizeBase):
 
   def fake_quant(self, x, scale, zero_point) -> jax.Array:
     """``x`` fake-quantized with the given qparams and the observer's range (torch's forward)."""
-    return self.activation_post_process.fake_quantize(
-      x, QParams(scale=scale, zero_point=zero_point)
-    )
+    return self.fake_quantize(x, QParams(scale=scale, zero_point=zero_point))
+
+  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
+    """``x`` quantized and dequantized with ``qparams`` on the observer's grid."""
+    return self.activation_post_process.fake_quantize(x, qparams)
 
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""

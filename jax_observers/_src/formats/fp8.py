@@ -27,7 +27,14 @@ from jax import lax
 from jax_observers._src import numerics, serialization
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
-from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.base import (
+  Observer,
+  QParams,
+  Quantizer,
+  canonical_dtype,
+  check_state,
+  python_scalars,
+)
 from jax_observers._src.readable import ReadableRepr
 
 FP8_DTYPES = tuple(
@@ -123,7 +130,7 @@ class AmaxState(ReadableRepr, struct.PyTreeNode, repr=False):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Float8Observer(Observer):
+class Float8Observer(Observer, Quantizer):
   r"""Running per-block amax; fp8 scales :math:`s = \mathrm{clip}(a, \epsilon, u) / F`.
 
   Args:

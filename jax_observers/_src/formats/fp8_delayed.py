@@ -31,7 +31,14 @@ from flax import struct
 
 from jax_observers._src import numerics, serialization
 from jax_observers._src.affine import qparams as aq
-from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.base import (
+  Observer,
+  QParams,
+  Quantizer,
+  canonical_dtype,
+  check_state,
+  python_scalars,
+)
 from jax_observers._src.formats import fp8
 from jax_observers._src.readable import ReadableRepr
 
@@ -55,7 +62,7 @@ def delayed_scale(amax, previous_scale, fp8_max: float, margin: int) -> jax.Arra
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Float8DelayedScalingObserver(Observer):
+class Float8DelayedScalingObserver(Observer, Quantizer):
   r"""Per-tensor fp8 scale from the last ``history_len`` batch amaxes (TE's ``DelayedScaling``).
 
   Args:

@@ -31,7 +31,14 @@ from jax import lax
 from jax_observers._src import compiled, serialization
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
-from jax_observers._src.base import Observer, QParams, canonical_dtype, check_state, python_scalars
+from jax_observers._src.base import (
+  Observer,
+  QParams,
+  Quantizer,
+  canonical_dtype,
+  check_state,
+  python_scalars,
+)
 from jax_observers._src.formats import fp8
 
 
@@ -166,7 +173,7 @@ def to_mx(
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MXObserver(Observer):
+class MXObserver(Observer, Quantizer):
   r"""Running amax per block of ``block_size`` along ``axis``; MX scales :math:`2^k`.
 
   Args:

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import serialization
-from jax_observers._src.base import Observer, QParams
+from jax_observers._src.base import Observer, QParams, Quantizer
 
 POW2_MODES = ("floor", "ceil", "round")
 # m = 1 + f / 2**23 > sqrt(2)  <=>  (2**23 + f)**2 > 2**47  <=>  f >= isqrt(2**47) + 1 - 2**23
@@ -78,7 +78,7 @@ def pow2_scale(qparams: QParams, mode: str = "ceil") -> QParams:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Pow2ScaleObserver(Observer):
+class Pow2ScaleObserver(Observer, Quantizer):
   r"""Any observer, its scales rounded to powers of two: ``pow2_scale(observer.calculate_qparams)``.
 
   ``init`` and ``update`` (and the state) are the wrapped observer's.
@@ -102,6 +102,11 @@ class Pow2ScaleObserver(Observer):
   def __post_init__(self):
     if not isinstance(self.observer, Observer):
       raise ValueError(f"observer={self.observer!r} is not a jo observer config.")
+    if not isinstance(self.observer, Quantizer):
+      raise ValueError(
+        f"observer={type(self.observer).__name__}(...) has no quantization grid (it is no "
+        "jo.Quantizer); wrap a uniform, affine, FP8 or MX observer."
+      )
     if self.mode not in POW2_MODES:
       raise ValueError(f"mode={self.mode!r} must be one of {POW2_MODES}.")
 
@@ -114,19 +119,13 @@ class Pow2ScaleObserver(Observer):
   def calculate_qparams(self, state) -> QParams:
     return pow2_scale(self.observer.calculate_qparams(state), self.mode)
 
-  def _delegate(self, name: str):
-    method = getattr(self.observer, name, None)
-    if method is None:
-      raise TypeError(f"{type(self.observer).__name__} has no {name}(x, qparams).")
-    return method
-
   def quantize(self, x, qparams: QParams):
     """The wrapped observer's ``quantize`` (pass this observer's power-of-two qparams)."""
-    return self._delegate("quantize")(x, qparams)
+    return self.observer.quantize(x, qparams)
 
   def dequantize(self, q, qparams: QParams):
     """The wrapped observer's ``dequantize``."""
-    return self._delegate("dequantize")(q, qparams)
+    return self.observer.dequantize(q, qparams)
 
 
 def _to_dict(observer: Pow2ScaleObserver, state) -> dict[str, np.ndarray]:

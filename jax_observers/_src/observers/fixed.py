@@ -8,15 +8,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from jax_observers._src import serialization
 from jax_observers._src.base import (
   Observer,
   QParams,
   QScheme,
+  UniformGrid,
   canonical_dtype,
   check_state,
-  fake_quantize_on_grid,
   per_tensor_affine,
   python_scalars,
 )
@@ -31,7 +33,7 @@ class FixedQParamsState(ReadableRepr, struct.PyTreeNode, repr=False):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FixedQParamsObserver(Observer):
+class FixedQParamsObserver(UniformGrid, Observer):
   """Passes tensors through and always reports ``(scale, zero_point)``.
 
   Examples:
@@ -79,10 +81,25 @@ class FixedQParamsObserver(Observer):
     fields = {"scale": ((), jnp.float32), "zero_point": ((), jnp.int32)}
     check_state(self, state, FixedQParamsState, method, fields)
 
-  def fake_quantize(self, x, qparams: QParams) -> jax.Array:
-    """torch's per-tensor fake quantization on the fixed range."""
-    return fake_quantize_on_grid(self, x, qparams)
-
   def calculate_qparams(self, state: FixedQParamsState) -> QParams:
     self._check(state, "calculate_qparams")
     return QParams(scale=state.scale, zero_point=state.zero_point)
+
+
+def _fixed_to_dict(observer, state) -> dict[str, np.ndarray]:
+  return {
+    "scale": np.array(state.scale, np.float32).reshape(1),
+    "zero_point": np.array(state.zero_point, np.int32).reshape(1),
+  }
+
+
+def _fixed_from_dict(observer, d, *, strict, example):
+  scale, zero_point = serialization.take(d, ("scale", "zero_point"), observer, strict)
+  scale = serialization.checked(observer, "scale", scale, shapes=[(1,), ()], finite=True)
+  zero_point = serialization.checked(
+    observer, "zero_point", zero_point, kind="int", shapes=[(1,), ()]
+  )
+  return FixedQParamsState(scale=scale.reshape(()), zero_point=zero_point.reshape(()))
+
+
+serialization.register(FixedQParamsObserver, _fixed_to_dict, _fixed_from_dict)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import numerics
+from jax_observers._src import numerics, serialization
 from jax_observers._src.base import (
   QParams,
   UniformObserver,
@@ -152,7 +152,33 @@ class MinMaxObserver(UniformObserver):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MovingAverageMinMaxObserver(MinMaxObserver):
+class MovingAverage:
+  r"""What makes a min/max observer a moving average: :math:`m_t = m + c(\min x_t - m)`.
+
+  Mixed into a running min/max observer (per tensor or per channel), it replaces the running
+  min/max ``accumulate`` by the exponential moving average of the batch ranges, so "is a moving
+  average" and "is per channel" are two independent facts about a class.
+
+  Args:
+    averaging_constant: ``c`` in [0, 1]; 1 keeps only the last batch, 0 only the first.
+  """
+
+  averaging_constant: float = 0.01
+
+  def __post_init__(self):
+    super().__post_init__()
+    c = check_averaging_constant(self.averaging_constant)
+    if self.is_dynamic and c != 1:
+      raise NotImplementedError(
+        f"is_dynamic=True needs averaging_constant=1, got averaging_constant={c}."
+      )
+
+  def accumulate(self, state: MinMaxState, lo, hi) -> MinMaxState:
+    return moving_average(state, lo, hi, self.averaging_constant)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MovingAverageMinMaxObserver(MovingAverage, MinMaxObserver):
   r"""Exponential moving average of the batch min and max, :math:`m_t = m + c(\min x_t - m)`.
 
   Args:
@@ -169,15 +195,28 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     (-0.5, 3.0)
   """
 
-  averaging_constant: float = 0.01
 
-  def __post_init__(self):
-    super().__post_init__()
-    c = check_averaging_constant(self.averaging_constant)
-    if self.is_dynamic and c != 1:
-      raise NotImplementedError(
-        f"is_dynamic=True needs averaging_constant=1, got averaging_constant={c}."
-      )
+def range_to_dict(observer, state) -> dict[str, np.ndarray]:
+  min_val = np.array(state.min_val, np.float32)
+  max_val = np.array(state.max_val, np.float32)
+  fresh = min_val.ndim == 1 and np.all(min_val == np.inf) and np.all(max_val == -np.inf)
+  if fresh:  # torch's per-channel observers start from empty [0] buffers.
+    min_val, max_val = np.zeros(0, np.float32), np.zeros(0, np.float32)
+  return {"eps": np.array([observer.eps], np.float32), "min_val": min_val, "max_val": max_val}
 
-  def accumulate(self, state: MinMaxState, lo, hi) -> MinMaxState:
-    return moving_average(state, lo, hi, self.averaging_constant)
+
+def range_from_dict(observer, d, *, strict, example, per_channel: bool = False):
+  """A :class:`MinMaxState` from torch's ``eps``/``min_val``/``max_val`` (``[]`` or ``[C]``)."""
+  eps, min_val, max_val = serialization.take(d, ("eps", "min_val", "max_val"), observer, strict)
+  serialization.check_eps(eps, observer, strict)
+  if per_channel and min_val.ndim != 1:
+    serialization.refuse(observer, "min_val", min_val, "expected shape [C] (or torch's empty [0])")
+  shapes = [min_val.shape] if per_channel else [(), (1,)]
+  min_val, max_val = serialization.running_range(
+    observer, min_val, max_val, strict=strict, shapes=shapes
+  )
+  shape = min_val.shape if per_channel else ()
+  return MinMaxState(min_val=min_val.reshape(shape), max_val=max_val.reshape(shape))
+
+
+serialization.register(MinMaxObserver, range_to_dict, range_from_dict)

@@ -8,10 +8,12 @@ is fixed by ``init``; an input with another count is an error, not a silent broa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax.numpy as jnp
 
+from jax_observers._src import serialization
 from jax_observers._src.base import (
   QParams,
   check_state,
@@ -99,7 +101,7 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
+class MovingAveragePerChannelMinMaxObserver(minmax.MovingAverage, PerChannelMinMaxObserver):
   r"""Per-channel exponential moving average of the min and max, :math:`m + c(\min x - m)`.
 
   Examples:
@@ -112,11 +114,9 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
     ([-2.0, 0.0], [0.0, 4.0])
   """
 
-  averaging_constant: float = 0.01
 
-  def __post_init__(self):
-    super().__post_init__()
-    minmax.check_averaging_constant(self.averaging_constant)
-
-  def accumulate(self, state: minmax.MinMaxState, lo, hi) -> minmax.MinMaxState:
-    return minmax.moving_average(state, lo, hi, self.averaging_constant)
+serialization.register(
+  PerChannelMinMaxObserver,
+  minmax.range_to_dict,
+  functools.partial(minmax.range_from_dict, per_channel=True),
+)

@@ -10,8 +10,10 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from jax_observers._src import serialization
 from jax_observers._src.base import FLOAT32_EPS, Observer, QScheme, canonical_dtype, check_state
 from jax_observers._src.readable import ReadableRepr
 
@@ -84,3 +86,15 @@ class ReuseInputObserver(_Stateless):
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+
+
+def _empty_to_dict(observer, state) -> dict[str, np.ndarray]:
+  return {}
+
+
+def _empty_from_dict(observer, d, *, strict, example):
+  serialization.take(d, (), observer, strict)
+  return EmptyState()
+
+
+serialization.register(_Stateless, _empty_to_dict, _empty_from_dict)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from jax_observers._src import serialization
 from jax_observers._src.base import Observer, canonical_dtype, check_state
 from jax_observers._src.readable import ReadableRepr
 
@@ -84,3 +85,33 @@ class RecordingObserver(Observer):
     order = [(count - kept + i) % self.capacity for i in range(kept)]
     values = np.asarray(state.tensor_val)
     return [values[i] for i in order]
+
+
+def _recording_to_dict(observer, state) -> dict[str, np.ndarray]:
+  """torch's: empty (its recorded list is no buffer), so torch's strict load accepts it. The
+  recording itself is kept by Flax serialization of the state, not by the state dict."""
+  return {}
+
+
+def _recording_from_dict(observer, d, *, strict, example):
+  if not {"tensor_val", "count"} & set(d):
+    # torch keeps the recorded list outside its state_dict, and so does state_dict().
+    serialization.take(d, (), observer, strict)
+    if example is None:
+      raise ValueError(
+        "RecordingObserver's state_dict is empty (as torch's); pass example= to init."
+      )
+    return observer.init(example)
+  # the keys of jax_observers < 0.2, which recorded into the state dict
+  tensor_val, count = serialization.take(d, ("tensor_val", "count"), observer, strict)
+  if tensor_val.ndim < 1 or tensor_val.shape[0] != observer.capacity:
+    serialization.refuse(
+      observer, "tensor_val", tensor_val, f"expected [capacity={observer.capacity}, ...]"
+    )
+  count = serialization.checked(
+    observer, "count", count, kind="count", shapes=[(), (1,)], nonnegative=True
+  )
+  return RecordingState(tensor_val=tensor_val, count=count.reshape(()))
+
+
+serialization.register(RecordingObserver, _recording_to_dict, _recording_from_dict)

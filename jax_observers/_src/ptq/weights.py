@@ -31,7 +31,7 @@ from flax import struct
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
 from jax_observers._src.affine.observers import AffineQuantizedMinMaxObserver
-from jax_observers._src.base import Observer, QParams
+from jax_observers._src.base import Observer, QParams, Quantizer
 from jax_observers._src.readable import ReadableRepr
 
 Rules = Callable[[str, Any], "Observer | None"] | Sequence[tuple[str, "Observer | None"]]
@@ -104,12 +104,12 @@ def quantize_array(
 
 
 def _quantize(observer: Observer, w, stacked_axes: int):
-  for name in ("quantize", "dequantize"):
-    if not callable(getattr(observer, name, None)):
-      raise TypeError(
-        f"{type(observer).__name__} cannot quantize weights (no {name}); use "
-        "AffineQuantizedMinMaxObserver, Float8Observer, MXObserver or Pow2ScaleObserver."
-      )
+  if not isinstance(observer, Quantizer):
+    raise TypeError(
+      f"{type(observer).__name__} cannot quantize weights: it is no jo.Quantizer (no "
+      "quantize/dequantize); use a uniform observer (MinMax, PerChannelMinMax, Histogram, ...), "
+      "AffineQuantizedMinMaxObserver, Float8Observer, MXObserver or Pow2ScaleObserver."
+    )
   w = jnp.asarray(w)
   if isinstance(stacked_axes, bool) or not isinstance(stacked_axes, int):
     raise TypeError(f"stacked_axes={stacked_axes!r} must be an int.")
