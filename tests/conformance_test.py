@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from jax.sharding import Mesh, PartitionSpec
-from registry import CASES, batches, observe, qparams_or_none
+from registry import CASES, batches, observe, qparams_or_none, sharded
 
 import jax_observers as jo
 
@@ -85,20 +84,10 @@ def test_state_dict_round_trip(obs, shape):
 
 @pytest.mark.parametrize("obs, shape", CASES)
 def test_axis_name_sync_over_8_devices_equals_one_observer_on_the_global_batch(obs, shape):
-  devices = jax.devices()
-  assert len(devices) == 8, "conftest sets --xla_force_host_platform_device_count=8"
-  mesh = Mesh(np.array(devices), ("data",))
   xs = batches(shape, seed=3)
   single = observe(obs, xs)
 
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(PartitionSpec(), PartitionSpec("data")),
-    out_specs=PartitionSpec(),
-    check_vma=False,
-  )
+  @sharded
   def step(state, x):
     return obs.update(state, x, axis_name="data")
 

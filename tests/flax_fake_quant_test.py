@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 import jax_observers as jo
 
@@ -118,18 +118,10 @@ def test_linen_lsq_scale_and_zero_point_are_trained_params():
 
 def test_linen_fake_quant_syncs_across_8_devices():
   config, xs = jo.default_fake_quant(), data(shape=(32, 6))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
   single, sharded = Wrap(config), Wrap(config, axis_name="data")
   variables = single.init(jax.random.key(0), xs[0])
 
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(PartitionSpec(), PartitionSpec("data")),
-    out_specs=(PartitionSpec("data"), PartitionSpec()),
-    check_vma=False,
-  )
+  @functools.partial(sharded, out_specs=(PartitionSpec("data"), PartitionSpec()))
   def step(v, x):
     return sharded.apply(v, x, mutable=["observers"])
 

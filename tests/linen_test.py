@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from registry import sharded
 
 import jax_observers as jo
 
@@ -155,24 +155,16 @@ class Elementwise(nn.Module):
   "observer", [jo.MinMaxObserver(), jo.MovingAveragePerChannelMinMaxObserver(ch_axis=-1)]
 )
 def test_shard_map_calibration_equals_one_replica_on_the_global_batch(observer):
-  mesh = Mesh(np.array(jax.devices()), ("data",))
   model, xs = Elementwise(observer=observer, axis_name="data"), data(batch=32)
   variables = model.init(jax.random.key(0), xs[0])
   single = calibrate(Elementwise(observer=observer), variables, xs)
 
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(PartitionSpec(), PartitionSpec("data")),
-    out_specs=PartitionSpec(),
-    check_vma=False,
-  )
+  @sharded
   def step(v, x):
     return model.apply(v, x, mutable=["observers"])[1]
 
-  sharded = calibrate(model, variables, xs, step)
-  chex.assert_trees_all_equal(sharded["observers"], single["observers"])
+  synced = calibrate(model, variables, xs, step)
+  chex.assert_trees_all_equal(synced["observers"], single["observers"])
 
   @functools.partial(jax.pmap, axis_name="data")
   def pstep(v, x):

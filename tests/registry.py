@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 import jax_observers as jo
 
@@ -137,3 +137,17 @@ def mesh8(axis: str = "data") -> Mesh:
   devices = jax.devices()
   assert len(devices) == 8, "conftest sets --xla_force_host_platform_device_count=8"
   return Mesh(np.array(devices), (axis,))
+
+
+def sharded(fn, *, out_specs=None, axis: str = "data"):
+  """``fn(state, x)`` jitted under ``shard_map`` over :func:`mesh8`: the state (and anything else
+  in front of ``x``) replicated, ``x`` split along its first axis."""
+  return jax.jit(
+    jax.shard_map(
+      fn,
+      mesh=mesh8(axis),
+      in_specs=(PartitionSpec(), PartitionSpec(axis)),
+      out_specs=PartitionSpec() if out_specs is None else out_specs,
+      check_vma=False,
+    )
+  )

@@ -305,20 +305,6 @@ class UniformGrid(Quantizer):
     return codes.dequantize(q, *qparams, axis=self.grid_axis)
 
 
-def check_float_input(x, observer: object) -> jax.Array:
-  """``x`` as an array with a real floating dtype, or a TypeError naming the observer."""
-  dtype = getattr(x, "dtype", None)
-  if dtype is None:
-    x = jnp.asarray(x)
-    dtype = x.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-      f"{type(observer).__name__} observes floating-point arrays; got x with dtype {dtype}. "
-      "Cast integer data to float32 first."
-    )
-  return x
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UniformObserver(UniformGrid, Observer):
   """Shared config of torch's ``UniformQuantizationObserverBase`` observers; they quantize to

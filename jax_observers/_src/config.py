@@ -16,6 +16,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jax_observers._src import compiled
 
 
@@ -126,3 +130,27 @@ def resolve_config(config, *, arg: str = "observer"):
       "(jo.MinMaxObserver()), its class, or a with_args partial."
     )
   return config
+
+
+def float_input(x, owner) -> jax.Array:
+  """``x`` as an array with a real floating dtype, or a TypeError naming ``owner`` (a config, whose
+  class is named, or a function name): the one input check of every observer and op."""
+  name = owner if isinstance(owner, str) else type(owner).__name__
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+      f"{name} takes floating-point arrays; got x with dtype {x.dtype}. "
+      "Cast integer data to float32 first."
+    )
+  return x
+
+
+def normalized_axis(axis, shape, *, name: str = "ch_axis", where: str = "") -> int:
+  """``axis`` (negative counts from the end) as an index into ``shape``, or a ValueError naming
+  ``name=axis`` and the shape: the one channel-axis check."""
+  ndim = len(shape)
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"{where}{name}={axis!r} must be an int.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{where}{name}={axis} is out of range for an input of shape {tuple(shape)}.")
+  return int(axis) % ndim

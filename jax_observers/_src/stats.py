@@ -5,8 +5,10 @@ r"""Batch statistics: the min and max of one batch, masked and synchronised acro
    K = \{i : x_i \text{ is not NaN}\} \text{ (or finite, with ignore\_nonfinite)}
 
 An empty ``K`` gives ``m = +inf, M = -inf``, the identity of the running min/max. Under an
-``axis_name`` the batch statistic is ``pmin``/``pmax``-reduced before it enters any state, so every
-device ends with the statistic of the global batch.
+``axis_name`` the batch statistic is reduced across devices before it enters any state, so every
+device ends with the statistic of the global batch: in one collective, as flax's BatchNorm stacks
+its mean and mean of squares, ``pmin`` of the stacked :math:`(m, -M)` (negation is exact). The
+absolute maximum FP8 scaling needs is :math:`\max(|m|, |M|)`, read off the same statistic.
 
 Schedule (min and max are exact in any order, so only speed depends on it): XLA:CPU reads the data
 twice for two separate reductions, and a variadic (min, max) reduction is fast only over a short
@@ -81,7 +83,24 @@ def batch_min_max(
   else:
     lo, hi = min_max(x, x, axes)
     lo, hi = lax.cond(jnp.any(skip(lo) | skip(hi)), masked, lambda _: (lo, hi), None)
-  lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-  if axis_name is not None:
-    lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
-  return lo, hi
+  return sync_min_max(lo.astype(jnp.float32), hi.astype(jnp.float32), axis_name)
+
+
+def sync_min_max(lo: jax.Array, hi: jax.Array, axis_name=None) -> tuple[jax.Array, jax.Array]:
+  """``(pmin lo, pmax hi)`` over ``axis_name`` in one collective (``pmin`` of ``[lo, -hi]``)."""
+  if axis_name is None:
+    return lo, hi
+  both = lax.pmin(jnp.stack([lo, -hi]), axis_name)
+  return both[0], -both[1]
+
+
+def batch_amax(
+  x: jax.Array, axes: Sequence[int] | None, *, ignore_nonfinite: bool, axis_name=None
+) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(max |x|, seen)`` over ``axes`` from :func:`batch_min_max`'s ``(m, M)``.
+
+  ``seen`` is False where every element was skipped (the amax there is 0).
+  """
+  lo, hi = batch_min_max(x, axes, ignore_nonfinite=ignore_nonfinite, axis_name=axis_name)
+  seen = lo <= hi
+  return jnp.where(seen, jnp.maximum(jnp.abs(lo), jnp.abs(hi)), jnp.float32(0)), seen

@@ -44,6 +44,7 @@ from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
 from jax_observers._src.affine import quantize as affine_quant
 from jax_observers._src.base import (
+  FLOAT32_EPS,
   Observer,
   QParams,
   Quantizer,
@@ -51,6 +52,7 @@ from jax_observers._src.base import (
   check_state,
   python_scalars,
 )
+from jax_observers._src.config import float_input
 from jax_observers._src.observers import minmax
 from jax_observers._src.observers.minmax import MinMaxState
 
@@ -132,12 +134,12 @@ class AffineQuantizedMinMaxObserver(Observer, Quantizer):
     return self.layout(x).state_shape
 
   def init(self, x) -> MinMaxState:
-    aq.float_input(x, type(self).__name__)
+    float_input(x, type(self).__name__)
     return minmax.fresh_state(self.state_shape(x))
 
   def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
     """Observes ``x``; with ``axis_name``, the global batch (``pmin``/``pmax`` of the statistic)."""
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     layout = self.layout(x)
     self.check_state(state, "update")
     if jnp.shape(state.min_val) != layout.state_shape:
@@ -181,7 +183,7 @@ class AffineQuantizedMinMaxObserver(Observer, Quantizer):
   def quantize(self, x: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:
     """``x`` as ``target_dtype`` integers (torchao's ``quantize_affine``; qparams broadcast over
     the token axes)."""
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     return affine_quant.quantize_blocks(
       x,
       self.layout(x),
@@ -232,7 +234,7 @@ class AffineQuantizedMovingAverageMinMaxObserver(AffineQuantizedMinMaxObserver):
   averaging_constant: float = 0.01
   is_dynamic: bool = False
 
-  default_eps: ClassVar[float] = aq.FLOAT32_EPS  # torchao 0.18's only copy is pt2e's: finfo.eps
+  default_eps: ClassVar[float] = FLOAT32_EPS  # torchao 0.18's only copy is pt2e's: finfo.eps
 
   def __post_init__(self):
     super().__post_init__()

@@ -46,6 +46,7 @@ import numpy as np
 from jax_observers._src import compiled, numerics, stats
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.base import QParams, canonical_dtype
+from jax_observers._src.config import float_input
 
 
 class MappingType(enum.Enum):
@@ -80,16 +81,7 @@ _INT_DTYPES = tuple(
   )
 )
 AFFINE_DTYPES = _INT_DTYPES
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)  # torchao 0.18's default eps
-
-
-def float_input(x, where: str) -> jax.Array:
-  """``x`` as an array with a real floating dtype, or a TypeError naming ``where``."""
-  x = x if hasattr(x, "dtype") else jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{where} takes floating-point arrays; got x with dtype {x.dtype}.")
-  return x
 
 
 def affine_quant_range(target_dtype, quant_min=None, quant_max=None) -> tuple[int, int]:

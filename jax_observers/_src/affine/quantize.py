@@ -33,6 +33,7 @@ import numpy as np
 from jax_observers._src import compiled, numerics
 from jax_observers._src.affine import granularity as gran
 from jax_observers._src.affine import qparams as aq
+from jax_observers._src.config import float_input
 
 ZPD = aq.ZeroPointDomain
 
@@ -134,7 +135,7 @@ def quantize_affine(
     >>> jo.quantize_affine(w, jo.PerGroup(2), *qp, jnp.int4).tolist()  # -1 * fl(1/s) = -7.4999996
     [[-7, 4, 2, 7]]
   """
-  x = aq.float_input(x, "quantize_affine")
+  x = float_input(x, "quantize_affine")
   aq.check_mapping(aq.MappingType.ASYMMETRIC, zero_point_domain, True)
   quant_range = aq.affine_quant_range(output_dtype, quant_min, quant_max)
   layout = gran.block_layout(jnp.shape(x), aq.as_granularity(block_size), pad=pad)

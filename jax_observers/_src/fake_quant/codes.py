@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_observers._src import compiled
+from jax_observers._src.config import float_input
 from jax_observers._src.fake_quant import ops
 
 _INT32 = np.iinfo(np.int32)
@@ -65,7 +66,7 @@ def quantize(
     [-0.30000001192092896, 0.30000001192092896, 9.0]
   """
   fn = "quantize"
-  x = ops._float_input(x, fn)
+  x = float_input(x, fn)
   dtype, quant_min, quant_max = _integer_range(dtype, quant_min, quant_max)
   if axis is None:
     scale, zero_point = ops.per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)

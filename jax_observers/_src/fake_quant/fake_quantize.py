@@ -33,9 +33,8 @@ from jax_observers._src.base import (
   QScheme,
   UniformGrid,
   canonical_dtype,
-  check_float_input,
 )
-from jax_observers._src.config import PartialConfig
+from jax_observers._src.config import PartialConfig, float_input, normalized_axis
 from jax_observers._src.fake_quant import layouts
 from jax_observers._src.fake_quant.state import FakeQuantizeState
 from jax_observers._src.observers.fixed import FixedQParamsObserver
@@ -199,17 +198,15 @@ class FakeQuantize(FakeQuantizeBase):
   def qparams_shape(self, x) -> tuple[int, ...]:
     if not self.is_per_channel:
       return ()
-    x = jnp.asarray(x) if not hasattr(x, "shape") else x
-    if not -x.ndim <= self.ch_axis < x.ndim:
-      raise ValueError(f"ch_axis={self.ch_axis} is out of range for an input of shape {x.shape}.")
-    return (x.shape[self.ch_axis],)
+    shape = jnp.shape(x)
+    return (shape[normalized_axis(self.ch_axis, shape)],)
 
   def zero_point_dtype(self):
     float_qparams = self.activation_post_process.qscheme == QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS
     return jnp.float32 if float_qparams else jnp.int32
 
   def init(self, x) -> FakeQuantizeState:
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     shape = self.qparams_shape(x)
     return FakeQuantizeState(
       fake_quant_enabled=jnp.ones((), jnp.bool_),
@@ -240,7 +237,7 @@ class FakeQuantize(FakeQuantizeBase):
 
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     self.check_state(state, "apply")
     state = branch(
       state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state

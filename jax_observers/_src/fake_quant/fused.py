@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src.base import QParams, check_float_input
+from jax_observers._src.base import QParams
+from jax_observers._src.config import float_input
 from jax_observers._src.fake_quant.fake_quantize import FakeQuantize, _same_types, branch
 from jax_observers._src.fake_quant.state import FakeQuantizeState
 from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
@@ -187,7 +188,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
 
   def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``: moving-average observe, refresh qparams, fake-quantize."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     self.check_state(state, "apply")
     obs = self.activation_post_process
 

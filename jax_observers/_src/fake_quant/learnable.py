@@ -28,7 +28,8 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import base, serialization
-from jax_observers._src.base import FLOAT32_EPS, Observer, QParams, QScheme, check_float_input
+from jax_observers._src.base import FLOAT32_EPS, Observer, QParams, QScheme
+from jax_observers._src.config import float_input, normalized_axis
 from jax_observers._src.fake_quant import layouts, learnable_ops
 from jax_observers._src.fake_quant.fake_quantize import (
   FakeQuantizeBase,
@@ -142,12 +143,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     return self.activation_post_process.ch_axis if self.qscheme.is_per_channel else -1
 
   def init(self, x) -> LearnableFakeQuantizeState:
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     shape = ()
     if self.qscheme.is_per_channel:
-      if not -x.ndim <= self.ch_axis < x.ndim:
-        raise ValueError(f"ch_axis={self.ch_axis} is out of range for an input of shape {x.shape}.")
-      channels = x.shape[self.ch_axis]
+      channels = x.shape[normalized_axis(self.ch_axis, x.shape)]
       if self.channel_len not in (-1, channels):
         raise ValueError(
           f"channel_len={self.channel_len} but x of shape {x.shape} has {channels} channels along "
@@ -198,7 +197,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
   def apply(self, state: LearnableFakeQuantizeState, x, *, axis_name=None):
     """``(y, new_state)``; gradients flow to ``x`` and (while learning) to ``scale``/``zero_point``."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     self.check_state(state, "apply")
     observe = lambda s: self._observe(s, x, axis_name)
     obs_state, scale, zero_point = branch(state.static_enabled, observe, self._clamp, state)

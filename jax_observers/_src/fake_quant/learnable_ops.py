@@ -38,11 +38,12 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jax_observers._src import compiled, numerics
+from jax_observers._src.config import float_input
 from jax_observers._src.fake_quant import ops
 
 
 def _check(x, quant_min, quant_max, grad_factor, fn):
-  x = ops._float_input(x, fn)
+  x = float_input(x, fn)
   quant_min, quant_max = ops.check_quant_range(quant_min, quant_max)
   if not quant_min <= 0 <= quant_max:
     raise ValueError(

@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 from jax_observers._src import compiled, numerics
+from jax_observers._src.config import float_input, normalized_axis
 
 _INT32 = np.iinfo(np.int32)
 
@@ -59,13 +60,6 @@ def check_quant_range(quant_min, quant_max) -> tuple[int, int]:
   if quant_min > quant_max:
     raise ValueError(f"quant_min={quant_min} must be less than or equal to quant_max={quant_max}.")
   return int(quant_min), int(quant_max)
-
-
-def _float_input(x, fn: str) -> jax.Array:
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{fn} takes a floating-point x; got dtype {x.dtype}.")
-  return x
 
 
 def _compute_dtype(x) -> np.dtype:
@@ -214,11 +208,7 @@ def per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn: str):
 
 def per_channel_qparams(x, scale, zero_point, axis, quant_min, quant_max, fn: str):
   """``(axis, scale, zero_point)`` checked against ``x`` and shaped to broadcast along ``axis``."""
-  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-    raise TypeError(f"{fn}: axis={axis!r} must be an int.")
-  if not -x.ndim <= axis < x.ndim:
-    raise ValueError(f"{fn}: axis={axis} is out of range for x of shape {x.shape}.")
-  axis = int(axis) % x.ndim
+  axis = normalized_axis(axis, x.shape, name="axis", where=f"{fn}: ")
   channels = x.shape[axis]
   # torch range-checks int zero points; only values known at trace time can be checked.
   known = None if isinstance(zero_point, jax.core.Tracer) else np.asarray(zero_point)
@@ -276,7 +266,7 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max) 
     [0.0, 1.0, 1.0, 0.0]
   """
   fn = "fake_quantize_per_tensor_affine"
-  x = _float_input(x, fn)
+  x = float_input(x, fn)
   quant_min, quant_max = check_quant_range(quant_min, quant_max)
   scale, zero_point = per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)
   return _fake_quant(x, scale, zero_point, (None, quant_min, quant_max))
@@ -313,7 +303,7 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quan
     [[0.30000001192092896, -1.0], [0.5, -1.0]]
   """
   fn = "fake_quantize_per_channel_affine"
-  x = _float_input(x, fn)
+  x = float_input(x, fn)
   quant_min, quant_max = check_quant_range(quant_min, quant_max)
   axis, scale, zero_point = per_channel_qparams(
     x, scale, zero_point, axis, quant_min, quant_max, fn

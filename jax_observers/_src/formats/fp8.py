@@ -22,11 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax import lax
 
-from jax_observers._src import numerics, serialization
+from jax_observers._src import numerics, serialization, stats
 from jax_observers._src.affine import granularity as gran
-from jax_observers._src.affine import qparams as aq
 from jax_observers._src.base import (
   Observer,
   QParams,
@@ -35,6 +33,7 @@ from jax_observers._src.base import (
   check_state,
   python_scalars,
 )
+from jax_observers._src.config import float_input
 from jax_observers._src.readable import ReadableRepr
 
 FP8_DTYPES = tuple(
@@ -48,31 +47,6 @@ _PER_TENSOR = gran.PerTensor()  # frozen, so one shared default is safe
 def float8_max(dtype) -> float:
   """The largest finite value of an fp8 dtype (448.0 for float8_e4m3fn)."""
   return float(jnp.finfo(canonical_dtype(dtype, allowed=FP8_DTYPES)).max)
-
-
-def batch_amax(x, axes, *, ignore_nonfinite: bool, axis_name=None):
-  """float32 ``(max |x|, seen)`` over ``axes`` (None: all), skipping NaN (and +-inf).
-
-  ``seen`` is False where every element was skipped (the amax there is 0). As in ``batch_min_max``
-  the masked pass runs only when the plain reduction saw a value to skip.
-  """
-  x = lax.stop_gradient(x)
-  axes = None if axes is None else tuple(axes)
-  amax = jnp.max(jnp.abs(x), axis=axes)
-  skip = (lambda v: ~jnp.isfinite(v)) if ignore_nonfinite else jnp.isnan
-
-  def masked(_):
-    keep = ~skip(x)
-    return jnp.max(jnp.where(keep, jnp.abs(x), 0), axis=axes), jnp.any(keep, axis=axes)
-
-  amax, seen = lax.cond(
-    jnp.any(skip(amax)), masked, lambda _: (amax, jnp.ones(amax.shape, bool)), None
-  )
-  amax = amax.astype(jnp.float32)
-  if axis_name is not None:
-    amax = lax.pmax(amax, axis_name)
-    seen = lax.pmax(seen.astype(jnp.int32), axis_name).astype(bool)
-  return amax, seen
 
 
 def float8_scale_from_amax(
@@ -104,7 +78,7 @@ def accumulate_amax(observer, state, x, *, axis_name, config: str):
   error raised when the state's shape does not fit ``x``.
   """
   name = type(observer).__name__
-  x = aq.float_input(x, name)
+  x = float_input(x, name)
   layout = observer.layout(x)
   check_state(observer, state, AmaxState, "update", {"amax": (None, jnp.float32)})
   if jnp.shape(state.amax) != layout.state_shape:
@@ -114,7 +88,7 @@ def accumulate_amax(observer, state, x, *, axis_name, config: str):
     )
   if x.size == 0:
     return state
-  amax, _ = batch_amax(
+  amax, _ = stats.batch_amax(
     layout.view(x),
     layout.stat_axes,
     ignore_nonfinite=observer.ignore_nonfinite,
@@ -175,7 +149,7 @@ class Float8Observer(Observer, Quantizer):
     )
 
   def init(self, x) -> AmaxState:
-    aq.float_input(x, type(self).__name__)
+    float_input(x, type(self).__name__)
     return AmaxState(amax=jnp.zeros(self.layout(x).state_shape, jnp.float32))
 
   def update(self, state: AmaxState, x, *, axis_name=None) -> AmaxState:
@@ -191,7 +165,7 @@ class Float8Observer(Observer, Quantizer):
 
   def quantize(self, x: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:
     """``x`` as ``dtype`` values (scales broadcast over blocks and token axes)."""
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     layout = self.layout(x)
     scale = layout.broadcast(qparams.scale)
     return layout.unview(quantize_float8(layout.view(x), scale, self.dtype))

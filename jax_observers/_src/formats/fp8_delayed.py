@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_observers._src import numerics, serialization
-from jax_observers._src.affine import qparams as aq
+from jax_observers._src import numerics, serialization, stats
 from jax_observers._src.base import (
   Observer,
   QParams,
@@ -39,6 +38,7 @@ from jax_observers._src.base import (
   check_state,
   python_scalars,
 )
+from jax_observers._src.config import float_input
 from jax_observers._src.formats import fp8
 from jax_observers._src.readable import ReadableRepr
 
@@ -114,7 +114,7 @@ class Float8DelayedScalingObserver(Observer, Quantizer):
 
   def init(self, x=None) -> DelayedScalingState:
     if x is not None:
-      aq.float_input(x, type(self).__name__)
+      float_input(x, type(self).__name__)
     return DelayedScalingState(
       amax_history=jnp.zeros((self.history_len,), jnp.float32), scale=jnp.ones((), jnp.float32)
     )
@@ -124,7 +124,7 @@ class Float8DelayedScalingObserver(Observer, Quantizer):
 
     A batch with no values (empty, or all skipped) leaves the state as it was.
     """
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     self.check_state(state, "update")
     if jnp.shape(state.amax_history) != (self.history_len,):
       raise ValueError(
@@ -133,7 +133,7 @@ class Float8DelayedScalingObserver(Observer, Quantizer):
       )
     if x.size == 0:
       return state
-    amax, seen = fp8.batch_amax(
+    amax, seen = stats.batch_amax(
       x, None, ignore_nonfinite=self.ignore_nonfinite, axis_name=axis_name
     )
     history = jnp.roll(state.amax_history, -1).at[0].set(amax)
@@ -151,7 +151,7 @@ class Float8DelayedScalingObserver(Observer, Quantizer):
 
   def quantize(self, x: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:
     """``fp8(clip(x / scale, -max, max))`` (flax's ``quantize``)."""
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     return fp8.quantize_float8(x, qparams.scale, self.dtype)
 
   def dequantize(self, q: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:

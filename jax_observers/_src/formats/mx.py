@@ -30,7 +30,6 @@ from jax import lax
 
 from jax_observers._src import compiled, serialization
 from jax_observers._src.affine import granularity as gran
-from jax_observers._src.affine import qparams as aq
 from jax_observers._src.base import (
   Observer,
   QParams,
@@ -39,6 +38,7 @@ from jax_observers._src.base import (
   check_state,
   python_scalars,
 )
+from jax_observers._src.config import float_input, normalized_axis
 from jax_observers._src.formats import fp8
 
 
@@ -162,7 +162,7 @@ def to_mx(
     >>> e.tolist(), q.astype(jnp.float32).tolist()   # 600 / 2 = 300 rounds to e4m3's 288
     ([[128]], [[288.0, -1.5, 0.5, 0.0]])
   """
-  x = aq.float_input(x, "to_mx")
+  x = float_input(x, "to_mx")
   shape = jnp.shape(x)
   if not shape or shape[-1] % block_size:
     raise ValueError(f"to_mx: the last axis of shape {shape} must be a multiple of {block_size}.")
@@ -215,15 +215,14 @@ class MXObserver(Observer, Quantizer):
 
   def layout(self, x) -> gran.BlockLayout:
     shape = jnp.shape(x)
-    if not -len(shape) <= self.axis < len(shape):
-      raise ValueError(f"axis={self.axis} is out of range for an input of shape {shape}.")
-    block = tuple(self.block_size if i == self.axis % len(shape) else 1 for i in range(len(shape)))
+    axis = normalized_axis(self.axis, shape, name="axis")
+    block = tuple(self.block_size if i == axis else 1 for i in range(len(shape)))
     return gran.block_layout(
       shape, gran.PerBlock(block), token_axes=self.token_axes, pad=self.pad_partial_blocks
     )
 
   def init(self, x) -> fp8.AmaxState:
-    aq.float_input(x, type(self).__name__)
+    float_input(x, type(self).__name__)
     return fp8.AmaxState(amax=jnp.zeros(self.layout(x).state_shape, jnp.float32))
 
   def update(self, state: fp8.AmaxState, x, *, axis_name=None) -> fp8.AmaxState:
@@ -244,7 +243,7 @@ class MXObserver(Observer, Quantizer):
 
   def quantize(self, x: jax.typing.ArrayLike, qparams: QParams) -> jax.Array:
     """Elements ``fmt(clip(x * 2**-k, -F, F))``, the reciprocal exact as torchao's."""
-    x = aq.float_input(x, type(self).__name__)
+    x = float_input(x, type(self).__name__)
     layout = self.layout(x)
     inverse = layout.broadcast(_e8m0_reciprocal(_scale_to_exponent(qparams.scale)))
     scaled = layout.view(x).astype(jnp.float32) * inverse

@@ -32,8 +32,8 @@ from jax_observers._src.base import (
   QParams,
   QScheme,
   UniformObserver,
-  check_float_input,
 )
+from jax_observers._src.config import float_input, normalized_axis
 from jax_observers._src.histogram import accumulate, arithmetic, pow2_grid
 from jax_observers._src.histogram import calibrator_search as search
 from jax_observers._src.histogram import observer as histogram
@@ -99,22 +99,17 @@ class _HistogramCalibrator(UniformObserver):
   def _axis(self, x) -> int | None:
     if self.ch_axis is None:
       return None
-    ndim = len(jnp.shape(x))
-    if not -ndim <= self.ch_axis < ndim:
-      raise ValueError(
-        f"ch_axis={self.ch_axis} is out of range for an input of shape {jnp.shape(x)}."
-      )
-    return self.ch_axis % ndim
+    return normalized_axis(self.ch_axis, jnp.shape(x))
 
   def init(self, x) -> HistogramState:
-    check_float_input(x, self)
+    float_input(x, self)
     axis = self._axis(x)
     shape = () if axis is None else (jnp.shape(x)[axis],)
     return accumulate.fresh_state(shape, self.bins, self.range_policy)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     axis = self._axis(x)
     channels = () if axis is None else (jnp.shape(x)[axis],)
     accumulate.check_state(self, state, "update", channels, self.range_policy)

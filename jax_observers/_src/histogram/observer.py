@@ -31,11 +31,11 @@ from jax_observers._src import serialization
 from jax_observers._src.base import (
   QParams,
   UniformObserver,
-  check_float_input,
   per_tensor_affine,
   per_tensor_symmetric,
   python_scalars,
 )
+from jax_observers._src.config import float_input
 from jax_observers._src.histogram import accumulate, pow2_grid, search_device, search_host
 from jax_observers._src.histogram.accumulate import HistogramState
 from jax_observers._src.observers import qparams
@@ -131,12 +131,12 @@ class HistogramObserver(UniformObserver):
     return 2 ** _BITS[self.dtype.name]
 
   def init(self, x) -> HistogramState:
-    check_float_input(x, self)
+    float_input(x, self)
     return accumulate.fresh_state((), self.bins, self.range_policy)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     self.check_state(state, "update")
     if x.size == 0:
       return state

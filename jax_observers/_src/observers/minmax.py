@@ -23,11 +23,11 @@ from jax_observers._src import numerics, serialization
 from jax_observers._src.base import (
   QParams,
   UniformObserver,
-  check_float_input,
   check_state,
   per_tensor_affine,
   per_tensor_symmetric,
 )
+from jax_observers._src.config import float_input
 from jax_observers._src.observers import qparams
 from jax_observers._src.readable import ReadableRepr
 from jax_observers._src.stats import batch_min_max
@@ -119,12 +119,12 @@ class MinMaxObserver(UniformObserver):
     return None
 
   def init(self, x) -> MinMaxState:
-    check_float_input(x, self)
+    float_input(x, self)
     return fresh_state(self.state_shape(x))
 
   def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
-    x = check_float_input(x, self)
+    x = float_input(x, self)
     state = self.check_state(state, x)
     if x.size == 0:
       return state

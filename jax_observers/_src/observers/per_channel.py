@@ -21,6 +21,7 @@ from jax_observers._src.base import (
   per_channel_affine_float_qparams,
   per_channel_symmetric,
 )
+from jax_observers._src.config import normalized_axis
 from jax_observers._src.observers import minmax, qparams
 
 
@@ -55,12 +56,7 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
 
   def channel_axis(self, x) -> int:
     """``ch_axis`` normalised for ``x``, or a ValueError naming both."""
-    ndim = len(jnp.shape(x))
-    if not -ndim <= self.ch_axis < ndim:
-      raise ValueError(
-        f"ch_axis={self.ch_axis} is out of range for an input of shape {jnp.shape(x)}."
-      )
-    return self.ch_axis % ndim
+    return normalized_axis(self.ch_axis, jnp.shape(x))
 
   def state_shape(self, x) -> tuple[int, ...]:
     return (jnp.shape(x)[self.channel_axis(x)],)
@@ -96,7 +92,8 @@ class PerChannelMinMaxObserver(minmax.MinMaxObserver):
     """torch's per-channel qparams; a degenerate channel gives ``(1.0, 0)`` (see ``degenerate``)."""
     self.check_state(state, None, "calculate_qparams")
     if jnp.shape(state.min_val) == (0,):
-      return qparams.default_qparams((1,), self.qscheme == per_channel_affine_float_qparams)
+      fresh = minmax.fresh_state((1,))  # torch's [0] buffers: one default entry, (1.0, 0)
+      return qparams.calculate_qparams(fresh.min_val, fresh.max_val, self)
     return qparams.calculate_qparams(state.min_val, state.max_val, self)
 
 

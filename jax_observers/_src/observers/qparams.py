@@ -66,11 +66,3 @@ def calculate_qparams(min_val, max_val, observer) -> QParams:
     scale=jnp.where(seen, scale, jnp.float32(1.0)),
     zero_point=jnp.where(seen, zero_point, jnp.zeros_like(zero_point)),
   )
-
-
-def default_qparams(shape, float_zero_point: bool = False) -> QParams:
-  """torch's ``(tensor([1.]), tensor([0]))`` for an observer that saw nothing."""
-  return QParams(
-    scale=jnp.ones(shape, jnp.float32),
-    zero_point=jnp.zeros(shape, jnp.float32 if float_zero_point else jnp.int32),
-  )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from registry import sharded
 
 import jax_observers as jo
 
@@ -311,7 +311,6 @@ def test_module_matches_torch_through_static_estimation_then_learning(
 
 
 def test_grad_factor_counts_the_global_batch_under_axis_name():
-  mesh = Mesh(np.array(jax.devices()), ("data",))
   fq = jo.LearnableFakeQuantize(
     observer=jo.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, use_grad_scaling=True
   )
@@ -323,11 +322,7 @@ def test_grad_factor_counts_the_global_batch_under_axis_name():
     y, _ = fq.apply(state.replace(scale=scale), x, axis_name=axis_name)
     return (y**2).sum()
 
-  @jax.jit
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
-    out_specs=PartitionSpec(), check_vma=False,
-  )  # fmt: skip
+  @sharded
   def sharded_grad(scale, x):
     return jax.lax.psum(jax.grad(loss)(scale, x, "data"), "data")
 

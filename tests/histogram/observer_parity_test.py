@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from registry import sharded
 
 import jax_observers as jo
 from jax_observers._src.histogram import arithmetic, search_host
@@ -250,26 +250,17 @@ def test_vmap_qparams_equal_loop():
 @pytest.mark.parametrize("policy", ["torch", "pow2"])
 def test_axis_name_sync_equals_global_batch(policy):
   """shard_map over 8 host devices: every device ends with the state of the global batch."""
-  devices = np.array(jax.devices()[:8])
-  if devices.size < 8:
-    pytest.skip("needs 8 devices")
-  mesh = Mesh(devices, ("d",))
   obs = jo.HistogramObserver(bins=128, range_policy=policy)
   rng = np.random.default_rng(6)
   batches = [rng.standard_normal(8 * 64).astype(np.float32) * s for s in (1.0, 3.0)]
 
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(PartitionSpec(), PartitionSpec("d")),
-    out_specs=PartitionSpec(),
-  )
+  @sharded
   def synced(state, x):
-    return obs.update(state, x, axis_name="d")
+    return obs.update(state, x, axis_name="data")
 
   state = global_state = obs.init(batches[0])
   for x in batches:
-    state = jax.jit(synced)(state, x)
+    state = synced(state, x)
     global_state = obs.update(global_state, x)
   for field in ("histogram", "min_val", "max_val"):
     np.testing.assert_array_equal(

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
+from registry import sharded
 
 import jax_observers as jo
 
@@ -270,7 +271,6 @@ def test_toggles_work_on_trees_and_never_recompile():
 
 
 def test_axis_name_over_8_devices_equals_one_replica_on_the_global_batch():
-  mesh = Mesh(np.array(jax.devices()), ("data",))
   rng = np.random.default_rng(2)
   per_channel = jo.FakeQuantize(
     observer=jo.MovingAveragePerChannelMinMaxObserver.with_args(
@@ -281,21 +281,14 @@ def test_axis_name_over_8_devices_equals_one_replica_on_the_global_batch():
   )
   for fq in (jo.default_fake_quant(), per_channel):
 
-    @jax.jit
-    @functools.partial(
-      jax.shard_map,
-      mesh=mesh,
-      in_specs=(PartitionSpec(), PartitionSpec("data")),
-      out_specs=(PartitionSpec("data"), PartitionSpec()),
-      check_vma=False,
-    )
-    def sharded(state, x, fq=fq):
+    @functools.partial(sharded, out_specs=(PartitionSpec("data"), PartitionSpec()))
+    def sharded_apply(state, x, fq=fq):
       return fq.apply(state, x, axis_name="data")
 
     state = single = fq.init(np.zeros((32, 3), np.float32))
     for _ in range(3):
       x = (rng.standard_normal((32, 3)) * 4).astype(np.float32)
-      y, state = sharded(state, x)
+      y, state = sharded_apply(state, x)
       y_single, single = jax.jit(fq.apply)(single, x)
       np.testing.assert_array_equal(bits(y), bits(y_single))
       chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, single))
