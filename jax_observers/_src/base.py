@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -197,8 +197,30 @@ def degenerate_range(min_val, max_val) -> jax.Array:
   return ~fresh & jnp.any(~valid_range(min_val, max_val))
 
 
+State = Any  # an observer state: a flax.struct pytree of arrays (MinMaxState, HistogramState, ...)
+
+
+class InitFn(Protocol):
+  """``init(x) -> state``: a fresh state for inputs shaped like ``x``."""
+
+  def __call__(self, x: jax.Array) -> State: ...
+
+
+class UpdateFn(Protocol):
+  """``update(state, x, *, axis_name=None) -> state``: pure; with ``axis_name``, the global batch."""
+
+  def __call__(self, state: State, x: jax.Array, *, axis_name: Any = None) -> State: ...
+
+
+class QParamsFn(Protocol):
+  """``calculate_qparams(state) -> QParams``."""
+
+  def __call__(self, state: State) -> QParams: ...
+
+
 class Observer(WithArgs, abc.ABC):
-  """The observer protocol: a frozen config with pure ``init``, ``update``, ``calculate_qparams``.
+  """The observer protocol: a frozen config with pure ``init``, ``update``, ``calculate_qparams``
+  (an :class:`InitFn`, an :class:`UpdateFn` and a :class:`QParamsFn`, as optax types its pair).
 
   Subclasses are ``@dataclasses.dataclass(frozen=True, kw_only=True)``; their fields carry torch's
   argument names and defaults and hold Python values only, so configs hash and can be jit statics.
