@@ -118,12 +118,12 @@ def test_linen_lsq_scale_and_zero_point_are_trained_params():
 
 def test_linen_fake_quant_syncs_across_8_devices():
   config, xs = jo.default_fake_quant(), data(shape=(32, 6))
-  single, sharded = Wrap(config), Wrap(config, axis_name="data")
+  single, synced = Wrap(config), Wrap(config, axis_name="data")
   variables = single.init(jax.random.key(0), xs[0])
 
   @functools.partial(sharded, out_specs=(PartitionSpec("data"), PartitionSpec()))
   def step(v, x):
-    return sharded.apply(v, x, mutable=["observers"])
+    return synced.apply(v, x, mutable=["observers"])
 
   v1, v2 = variables, variables
   for x in xs:

@@ -14,11 +14,17 @@ Schedule (min and max are exact in any order, so only speed depends on it): XLA:
 twice for two separate reductions, and a variadic (min, max) reduction is fast only over a short
 minor axis (over a major one it is ~20x slower). So when the last axis is reduced it is split into
 chunks of at most 128, those are reduced by one variadic pass, and the 128x smaller remainder by
-plain ``min``/``max``: one read of the data, at the memory-read floor.
+plain ``min``/``max``: one read of the data. XLA:CPU also runs one reduction on one thread but
+independent ones on separate threads, so on the CPU backend a large input's last axis is cut into
+as many slices as the machine has cores (at most 8), each reduced on its own and the results
+combined elementwise. GPU and TPU reductions are parallel already and take one slice. The choice is
+made at trace time from ``jax.default_backend()`` and ``os.cpu_count()``.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -27,6 +33,8 @@ from jax import lax
 
 SMALL = 1 << 16  # inputs up to this many elements take the masked reduction directly
 _CHUNK = 128
+_SLICE_MIN = 1 << 20  # elements per slice below which threads cost more than they save
+_MAX_SLICES = 8
 
 
 def _variadic(low_input, high_input, axes):
@@ -39,8 +47,30 @@ def _variadic(low_input, high_input, axes):
   )
 
 
+def _slices(x: jax.Array, axes) -> int:
+  """How many independent slices of the last axis to reduce (the schedule above); 1: no split."""
+  if x.ndim == 0 or x.ndim - 1 not in axes or jax.default_backend() != "cpu":
+    return 1
+  k = min(os.cpu_count() or 1, _MAX_SLICES, x.size // _SLICE_MIN)
+  while k > 1 and x.shape[-1] % (k * _CHUNK):
+    k -= 1
+  return max(k, 1)
+
+
 def min_max(low_input: jax.Array, high_input: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
   """``(min low_input, max high_input)`` over ``axes`` (a tuple), in the schedule described above."""
+  k = _slices(low_input, axes)
+  if k > 1:
+    parts = zip(jnp.split(low_input, k, axis=-1), jnp.split(high_input, k, axis=-1), strict=True)
+    results = [_one_pass(lo, hi, axes) for lo, hi in parts]
+    return (
+      functools.reduce(jnp.minimum, [r[0] for r in results]),
+      functools.reduce(jnp.maximum, [r[1] for r in results]),
+    )
+  return _one_pass(low_input, high_input, axes)
+
+
+def _one_pass(low_input: jax.Array, high_input: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
   last = low_input.ndim - 1
   if low_input.ndim == 0 or last not in axes:
     return jnp.min(low_input, axis=axes), jnp.max(high_input, axis=axes)
