@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_observers as jo
-from jax_observers._src.fake_quant.fused import choose_quantization_params_numpy
+from jax_observers._src.fake_quant.fused_qparams import choose_quantization_params_numpy
 
 torch = pytest.importorskip("torch")
 from torch.ao.quantization import fake_quantize as tfq  # noqa: E402
@@ -68,12 +68,13 @@ def test_choose_quantization_params_matches_torchs_kernel(symmetric):
     theirs = torch_choose(lo, hi, qmin, qmax, symmetric)
     np.testing.assert_array_equal(bits(ours[0]), bits(theirs[0]), err_msg=f"{qmin, qmax}")
     np.testing.assert_array_equal(ours[1], theirs[1], err_msg=f"{qmin, qmax}")
+  # The device version (float32 only) against the live kernel: the default range, affine.
   qp = jax.jit(jo.FusedMovingAvgObsFakeQuantize(use_kernel_params=True).kernel_qparams)(
     jo.MinMaxState(min_val=jnp.asarray(lo), max_val=jnp.asarray(hi))
   )
-  np.testing.assert_array_equal(
-    bits(qp.scale), bits(choose_quantization_params_numpy(lo, hi, 0, 255, False)[0])
-  )
+  theirs = torch_choose(lo, hi, 0, 255, False)
+  np.testing.assert_array_equal(bits(qp.scale), bits(theirs[0]))
+  np.testing.assert_array_equal(qp.zero_point, theirs[1])
 
 
 @functools.partial(jax.jit, static_argnums=0)
