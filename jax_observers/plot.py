@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jax_observers._src.histogram import calibrators
-
 
 def _pyplot():
   try:
@@ -42,11 +40,7 @@ def representable_range(observer, qparams) -> tuple[np.ndarray, np.ndarray]:
 
 def histogram_edges(observer, state) -> np.ndarray:
   """The bin edges of a histogram observer's (or calibrator's) state."""
-  if hasattr(observer, "edges"):
-    return np.asarray(observer.edges(state), np.float64)
-  return np.asarray(
-    calibrators.bin_edges(state, range_policy=observer.range_policy, mode="signed"), np.float64
-  )
+  return np.asarray(observer.edges(state), np.float64)
 
 
 def plot_histogram(observer, state, *, channel: int | None = None, ax=None, max_grid_lines=64):

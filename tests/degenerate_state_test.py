@@ -301,7 +301,7 @@ def test_a_subnormal_scale_from_a_normal_range_flushes_to_zero_as_documented():
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("policy", ["pow2", "torch"])
 def test_histogram_loader_and_state_check_serve_the_calibrators(per_channel, policy):
-  from jax_observers._src.histogram import accumulate
+  from jax_observers._src.histogram import accumulate, grids
   from jax_observers._src.histogram import observer as histogram
 
   kw = {"ch_axis": 0, "qscheme": jo.per_channel_symmetric} if per_channel else {}
@@ -311,12 +311,12 @@ def test_histogram_loader_and_state_check_serve_the_calibrators(per_channel, pol
   d = jo.state_dict(obs, state)
   loaded = histogram.histogram_from_dict(obs, d, strict=True, channels=per_channel, mode=obs.mode)
   np.testing.assert_array_equal(loaded.histogram, state.histogram)
-  assert loaded.histogram.dtype == accumulate.count_dtype(policy)
+  assert loaded.histogram.dtype == grids.policy(policy).count_dtype
   channels = (None,) if per_channel else ()
-  accumulate.check_state(obs, state, "calculate_qparams", channels, policy)
+  accumulate.check_state(obs, state, "calculate_qparams", channels, grids.policy(policy))
   other = "torch" if policy == "pow2" else "pow2"
   with pytest.raises(ValueError, match=f"range_policy={other!r}"):
-    accumulate.check_state(obs, state, "calculate_qparams", channels, other)
+    accumulate.check_state(obs, state, "calculate_qparams", channels, grids.policy(other))
   negative = {**d, "histogram": -np.abs(d["histogram"]) - 1}
   with pytest.raises(ValueError, match=r"state_dict\['histogram'\].*>= 0"):
     histogram.histogram_from_dict(obs, negative, strict=True, channels=per_channel, mode=obs.mode)

@@ -14,17 +14,12 @@ above; XLA has no FMA operation, so :func:`numerics.fma` emulates one exactly in
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jax_observers._src import numerics
-
-_CHUNK = 1 << 18  # elements per scatter; XLA:CPU runs independent scatters in parallel.
-_MAX_CHUNKS = 32
 
 
 def linspace(start: jax.Array, end: jax.Array, num: int) -> jax.Array:
@@ -59,40 +54,6 @@ def histc_positions(x: jax.Array, keep: jax.Array, bins: int, lo, hi) -> jax.Arr
   inside = keep & (x >= left) & (x <= right)
   pos = jnp.minimum(jnp.where(inside, pos, 0).astype(jnp.int32), bins - 1)
   return jnp.where(inside, pos, bins)
-
-
-def count(positions, x: jax.Array, length: int) -> jax.Array:
-  """int32 counts ``[length]`` of ``positions(v)`` over every element ``v`` of ``x``.
-
-  ``positions`` maps float32 values, elementwise, to bins in ``[0, length]`` (``length``: dropped).
-  ``x`` is cut into chunks and ``positions`` applied to each, so that XLA fuses it into the chunk's
-  scatter; applied to all of ``x`` at once, its float32 quotient and int32 bins are materialized:
-  8 bytes of temporaries an element, and past 32 MiB glibc maps them afresh, page faults
-  included, on every call. Independent scatters over a quarter million indices each also run in
-  parallel, and beat one XLA:CPU scatter over millions several times over.
-  """
-  flat = x.reshape(-1)
-  chunks = min(max(-(-flat.size // _CHUNK), 1), _MAX_CHUNKS)
-  size = -(-flat.size // chunks)
-  empty = jnp.zeros(length, jnp.int32)
-  parts = [flat[k * size : (k + 1) * size] for k in range(chunks)]
-  counts = [empty.at[positions(part)].add(1, mode="drop") for part in parts]
-  return functools.reduce(jnp.add, counts)
-
-
-def count_rows(positions, x: jax.Array, length: int, ones: jax.Array) -> jax.Array:
-  """int32 counts ``[R, length]``: row ``r`` counts ``positions(x)[r]`` (``x``: ``[R, m]``).
-
-  One scatter into a zeroed ``[R * length]`` table; the caller keeps ``R * length`` small enough
-  to stay in cache (:mod:`accumulate` feeds it groups of channels) and passes the scatter's
-  ``ones`` (``[R * m]`` int32), so that inside a loop they are not rebuilt on every trip.
-  """
-  rows = x.shape[0]
-  pos = positions(x)
-  row = lax.broadcasted_iota(jnp.int32, pos.shape, 0)
-  flat = jnp.where(pos == length, rows * length, row * length + pos)  # rows * length: dropped
-  table = jnp.zeros(rows * length, jnp.int32).at[flat.reshape(-1)].add(ones, mode="drop")
-  return table.reshape(rows, length)
 
 
 def upscale(

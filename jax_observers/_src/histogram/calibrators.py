@@ -34,7 +34,7 @@ from jax_observers._src.base import (
   UniformObserver,
 )
 from jax_observers._src.config import float_input, normalized_axis
-from jax_observers._src.histogram import accumulate, arithmetic, pow2_grid
+from jax_observers._src.histogram import accumulate, grids
 from jax_observers._src.histogram import calibrator_search as search
 from jax_observers._src.histogram import observer as histogram
 from jax_observers._src.histogram.accumulate import HistogramState
@@ -42,22 +42,8 @@ from jax_observers._src.histogram.observer import check_histogram_config
 from jax_observers._src.observers import qparams
 
 
-def bin_edges(state: HistogramState, *, range_policy: str, mode: str) -> jax.Array:
-  """The ``bins + 1`` edges of ``state.histogram`` (``[.., bins + 1]`` float32)."""
-  bins = state.histogram.shape[-1]
-  if range_policy == "pow2":
-    g, o = pow2_grid.grid(state.min_val, state.max_val, bins, mode)
-    lo, hi = pow2_grid.edges(g, o, bins)
-    width = (hi - lo) / np.float32(bins)  # a power of two: exact
-    steps = jnp.arange(bins + 1, dtype=jnp.int32).reshape((1,) * o.ndim + (-1,)) - o[..., None]
-    return steps.astype(jnp.float32) * width[..., None]
-  lo, hi = accumulate.grid_edges(state, range_policy="torch", mode=mode)
-  space = lambda a, b: arithmetic.linspace(a, b, bins + 1)
-  return jax.vmap(space)(lo, hi) if lo.ndim else space(lo, hi)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _HistogramCalibrator(UniformObserver):
+class _HistogramCalibrator(grids.OnGrid, UniformObserver):
   """Shared config: the histogram (``bins``, ``range_policy``, ``ch_axis``) and validation."""
 
   bins: int = 2048
@@ -105,29 +91,25 @@ class _HistogramCalibrator(UniformObserver):
     float_input(x, self)
     axis = self._axis(x)
     shape = () if axis is None else (jnp.shape(x)[axis],)
-    return accumulate.fresh_state(shape, self.bins, self.range_policy)
+    return accumulate.fresh_state(shape, self.bins, self.grid)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
     x = float_input(x, self)
     axis = self._axis(x)
     channels = () if axis is None else (jnp.shape(x)[axis],)
-    accumulate.check_state(self, state, "update", channels, self.range_policy)
+    accumulate.check_state(self, state, "update", channels, self.grid)
     if x.size == 0:
       return state
     return accumulate.accumulate(
       state,
       x,
       ch_axis=axis,
-      range_policy=self.range_policy,
+      grid=self.grid,
       mode=self.mode,
       upsample_rate=self.upsample_rate,
       axis_name=axis_name,
     )
-
-  def edges(self, state: HistogramState) -> jax.Array:
-    """Bin edges of ``state.histogram``: ``[bins + 1]`` or ``[C, bins + 1]``."""
-    return bin_edges(state, range_policy=self.range_policy, mode=self.mode)
 
   def search(self, hist, edges, min_val, max_val):
     raise NotImplementedError
@@ -141,7 +123,7 @@ class _HistogramCalibrator(UniformObserver):
 
   def calculate_qparams(self, state: HistogramState) -> QParams:
     channels = (None,) if self.ch_axis is not None else ()
-    accumulate.check_state(self, state, "calculate_qparams", channels, self.range_policy)
+    accumulate.check_state(self, state, "calculate_qparams", channels, self.grid)
     lo, hi = self.clip_range(state)
     return qparams.calculate_qparams(lo, hi, self)
 

@@ -36,7 +36,7 @@ from jax_observers._src.base import (
   python_scalars,
 )
 from jax_observers._src.config import float_input
-from jax_observers._src.histogram import accumulate, pow2_grid, search_device, search_host
+from jax_observers._src.histogram import accumulate, grids, search_device, search_host
 from jax_observers._src.histogram.accumulate import HistogramState
 from jax_observers._src.observers import qparams
 
@@ -51,12 +51,7 @@ def check_histogram_config(obs) -> None:
   python_scalars(obs)
   if isinstance(obs.bins, bool) or not isinstance(obs.bins, int) or obs.bins < 1:
     raise ValueError(f"bins={obs.bins!r} must be a positive int.")
-  if obs.range_policy not in accumulate.RANGE_POLICIES:
-    raise ValueError(
-      f"range_policy={obs.range_policy!r}; expected one of {accumulate.RANGE_POLICIES}."
-    )
-  if obs.range_policy == "pow2":
-    pow2_grid.check_bins(obs.bins)
+  grids.policy(obs.range_policy).check_bins(obs.bins)
   rate = obs.upsample_rate
   if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
     raise ValueError(f"upsample_rate={rate!r} must be a positive int.")
@@ -67,7 +62,7 @@ DEVICE_MAX_DST_NBINS = 2**24  # int32/uint32-wide dtypes (2**32 destination bins
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HistogramObserver(UniformObserver):
+class HistogramObserver(grids.OnGrid, UniformObserver):
   r"""torch's ``HistogramObserver``: running histogram, then the greedy L2 range search.
 
   Args:
@@ -109,6 +104,7 @@ class HistogramObserver(UniformObserver):
   ignore_nonfinite: bool = True
 
   allowed_qschemes: ClassVar = (per_tensor_affine, per_tensor_symmetric)
+  mode: ClassVar[str] = "signed"  # what the histogram holds: x itself, on [min_val, max_val]
 
   def __post_init__(self):
     super().__post_init__()
@@ -132,7 +128,7 @@ class HistogramObserver(UniformObserver):
 
   def init(self, x) -> HistogramState:
     float_input(x, self)
-    return accumulate.fresh_state((), self.bins, self.range_policy)
+    return accumulate.fresh_state((), self.bins, self.grid)
 
   def update(self, state: HistogramState, x, *, axis_name=None) -> HistogramState:
     """Observes ``x``; with ``axis_name``, the global batch across that mapped axis."""
@@ -144,7 +140,7 @@ class HistogramObserver(UniformObserver):
       state,
       x,
       ch_axis=None,
-      range_policy=self.range_policy,
+      grid=self.grid,
       mode="signed",
       upsample_rate=self.upsample_rate,
       axis_name=axis_name,
@@ -152,22 +148,16 @@ class HistogramObserver(UniformObserver):
 
   def check_state(self, state: HistogramState, method: str) -> None:
     """At trace time: ``state`` is a ``bins``-bin histogram of this ``range_policy``."""
-    accumulate.check_state(self, state, method, (), self.range_policy)
+    accumulate.check_state(self, state, method, (), self.grid)
 
   def search_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
     """The clipping range ``(new_min, new_max)`` of torch's ``_non_linear_param_search``."""
     self.check_state(state, "search_range")
-    if self.range_policy == "torch":
-      lo, hi = state.min_val, state.max_val
-    else:
-      lo, hi = accumulate.grid_edges(state, range_policy="pow2", mode="signed")
+    lo, hi = self.grid.search_domain(state.min_val, state.max_val, self.bins)
     hist = jnp.asarray(state.histogram).astype(jnp.float32)
     search = self.search if self.dst_nbins <= DEVICE_MAX_DST_NBINS else "host"
     new_min, new_max = SEARCHES[search](hist, lo, hi, self.dst_nbins)
-    if self.range_policy == "pow2":
-      new_min = jnp.maximum(new_min, state.min_val)
-      new_max = jnp.minimum(new_max, state.max_val)
-    return new_min, new_max
+    return self.grid.search_bounds(new_min, new_max, state.min_val, state.max_val)
 
   def calculate_qparams(self, state: HistogramState) -> QParams:
     """torch's ``calculate_qparams``: ``(1.0, 0)`` before any data, else the searched range's."""
@@ -208,23 +198,23 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
   keys = ("eps", "histogram", "min_val", "max_val")
   eps, hist, min_val, max_val = serialization.take(d, keys, observer, strict)
   serialization.check_eps(eps, observer, strict)
-  bins, policy = observer.bins, observer.range_policy
-  pow2 = policy == "pow2"
+  bins, grid = observer.bins, observer.grid
+  integer_counts = jnp.issubdtype(grid.count_dtype, jnp.integer)
   if hist.ndim != (2 if channels else 1) or hist.shape[-1] != bins:
     want = "[C, bins]" if channels else "[bins]"
     serialization.refuse(observer, "histogram", hist, f"expected shape {want} with bins={bins}")
   integer = np.issubdtype(hist.dtype, np.integer)
-  if integer != pow2:
+  if integer != integer_counts:
     got = "range_policy='pow2' grid" if integer else "range_policy='torch' (torch's) bins"
     serialization.refuse(
       observer,
       "histogram",
       hist,
       f"its {hist.dtype.name} counts are on a {got}, but this observer has "
-      f"range_policy={policy!r}, whose counts are {'int32' if pow2 else 'float32'}; the bins "
+      f"range_policy={grid.name!r}, whose counts are {grid.count_dtype.name}; the bins "
       "cannot be converted exactly",
     )
-  kind = "count" if pow2 else "float"
+  kind = "count" if integer_counts else "float"
   hist = serialization.checked(
     observer, "histogram", hist, kind=kind, finite=True, nonnegative=True
   )
@@ -239,32 +229,10 @@ def histogram_from_dict(observer, d, *, strict: bool, channels: bool, mode: str 
   lo, hi = serialization.running_range(observer, min_val, max_val, strict=strict, shapes=shapes)
   lo, hi = lo.reshape(shape), hi.reshape(shape)
   hist = np.where((lo <= hi)[..., None], hist, np.zeros((), hist.dtype))  # strict=False: reset
-  if pow2:
-    _check_pow2_grid(observer, hist, lo, hi, mode)
+  grid.check_loaded(
+    lambda why: serialization.refuse(observer, "histogram", hist, why), hist, lo, hi, mode
+  )
   return HistogramState(histogram=hist, min_val=lo, max_val=hi)
-
-
-def _check_pow2_grid(observer, hist, lo, hi, mode):
-  """Refuses counts that lie outside the bins ``[min_val, max_val]`` covers on the pow2 grid."""
-  bins = hist.shape[-1]
-  g, o = pow2_grid.grid(jnp.asarray(lo), jnp.asarray(hi), bins, mode)
-  seen = jnp.asarray(lo <= hi)
-  if mode == "absolute":
-    first = jnp.zeros(g.shape, jnp.int32)
-    last = pow2_grid.positions(jnp.maximum(-lo, hi), seen, g, o, bins)
-  else:
-    first = pow2_grid.positions(jnp.asarray(lo), seen, g, o, bins)
-    last = pow2_grid.positions(jnp.asarray(hi), seen, g, o, bins)
-  j = np.arange(bins)
-  outside = (j < np.asarray(first)[..., None]) | (j > np.asarray(last)[..., None])
-  if np.any(outside & (hist != 0)):
-    serialization.refuse(
-      observer,
-      "histogram",
-      hist,
-      "counts outside the power-of-two grid bins of [min_val, max_val]: not a range_policy='pow2' "
-      "histogram of this range",
-    )
 
 
 def _from_dict(observer, d, *, strict, example):
