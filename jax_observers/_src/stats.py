@@ -58,31 +58,40 @@ def _slices(x: jax.Array, axes) -> int:
   return max(k, 1)
 
 
-def min_max(low_input: jax.Array, high_input: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
-  """``(min low_input, max high_input)`` over ``axes`` (a tuple), in the schedule described above."""
-  k = _slices(low_input, axes)
+def min_max(x: jax.Array, axes) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(min x, max x, any NaN)`` over ``axes`` (a tuple), in the schedule described above.
+
+  The NaN flag is computed in the same pass: XLA:CPU's vectorized min/max reductions drop NaN
+  (openxla/xla#21461) rather than propagate it, so a NaN cannot be told from their result.
+  """
+  k = _slices(x, axes)
   if k > 1:
-    parts = zip(jnp.split(low_input, k, axis=-1), jnp.split(high_input, k, axis=-1), strict=True)
-    results = [_one_pass(lo, hi, axes) for lo, hi in parts]
+    results = [_one_pass(part, axes) for part in jnp.split(x, k, axis=-1)]
     return (
       functools.reduce(jnp.minimum, [r[0] for r in results]),
       functools.reduce(jnp.maximum, [r[1] for r in results]),
+      functools.reduce(jnp.logical_or, [r[2] for r in results]),
     )
-  return _one_pass(low_input, high_input, axes)
+  return _one_pass(x, axes)
 
 
-def _one_pass(low_input: jax.Array, high_input: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
-  last = low_input.ndim - 1
-  if low_input.ndim == 0 or last not in axes:
-    return jnp.min(low_input, axis=axes), jnp.max(high_input, axis=axes)
-  n = low_input.shape[-1]
+def _one_pass(x: jax.Array, axes) -> tuple[jax.Array, jax.Array, jax.Array]:
+  last = x.ndim - 1
+  n = x.shape[-1] if x.ndim else 1
   chunk = n if n <= _CHUNK else max(d for d in range(1, _CHUNK + 1) if n % d == 0)
-  if chunk < 8:  # no useful split (e.g. a large prime): two plain reductions
-    return jnp.min(low_input, axis=axes), jnp.max(high_input, axis=axes)
-  split = (*low_input.shape[:-1], n // chunk, chunk)
-  lo, hi = _variadic(low_input.reshape(split), high_input.reshape(split), (last + 1,))
+  if x.ndim == 0 or last not in axes or chunk < 8:  # plain reductions (no useful split)
+    return jnp.min(x, axis=axes), jnp.max(x, axis=axes), jnp.any(jnp.isnan(x), axis=axes)
+  split = (*x.shape[:-1], n // chunk, chunk)
+  inf = np.array(np.inf, x.dtype)
+  parts = x.reshape(split)
+  lo, hi, nan = lax.reduce(
+    (parts, parts, jnp.isnan(parts)),
+    (inf, -inf, np.False_),
+    lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1]), a[2] | b[2]),
+    (last + 1,),
+  )
   rest = (*(a for a in axes if a != last), last)  # the chunk-count axis is reduced too
-  return jnp.min(lo, axis=rest), jnp.max(hi, axis=rest)
+  return jnp.min(lo, axis=rest), jnp.max(hi, axis=rest), jnp.any(nan, axis=rest)
 
 
 def batch_min_max(
@@ -94,8 +103,8 @@ def batch_min_max(
 ) -> tuple[jax.Array, jax.Array]:
   """float32 ``(min, max)`` of ``x`` over ``axes`` (None: all), skipping NaN (and +-inf).
 
-  Large inputs run the plain reductions first and the masked pass only when they saw a value to
-  skip, so clean data costs two reductions and nothing more; small inputs (activations of a training
+  Large inputs run the plain reductions (and a NaN flag, in the same pass) first and the masked
+  pass only when they saw a value to skip, so clean data costs one read and nothing more; small inputs (activations of a training
   step) take the masked reduction directly, which avoids a ``lax.cond`` on the step's critical path.
   """
   x = lax.stop_gradient(jnp.asarray(x))
@@ -120,8 +129,9 @@ def batch_min_max(
   if x.size <= SMALL:  # one fused pass; a branch would cost more than it saves
     lo, hi = masked()
   else:
-    lo, hi = min_max(x, x, axes)
-    lo, hi = lax.cond(jnp.any(skip(lo) | skip(hi)), masked_variadic, lambda _: (lo, hi), None)
+    lo, hi, nan = min_max(x, axes)
+    dirty = jnp.any(nan) | (jnp.any(~jnp.isfinite(lo) | ~jnp.isfinite(hi)) & ignore_nonfinite)
+    lo, hi = lax.cond(dirty, masked_variadic, lambda _: (lo, hi), None)
   return sync_min_max(lo.astype(jnp.float32), hi.astype(jnp.float32), axis_name)
 
 
