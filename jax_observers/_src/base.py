@@ -191,10 +191,16 @@ def degenerate_range(min_val, max_val) -> jax.Array:
   return ~fresh & jnp.any(~valid_range(min_val, max_val))
 
 
-def fake_quantize_on_grid(observer, x, qparams: QParams) -> jax.Array:
-  """torch's fake quantization on ``observer``'s ``quant_range`` (per channel on its ``ch_axis``)."""
+def fake_quantize_on_grid(observer, x, qparams: QParams, enabled=None) -> jax.Array:
+  """torch's fake quantization on ``observer``'s ``quant_range`` (per channel on its ``ch_axis``).
+
+  ``enabled``: a boolean flag; where it is False the result is ``x`` (``ops.fake_quantize_where``).
+  """
   quant_min, quant_max = observer.quant_range
   scale, zero_point = qparams
+  if enabled is not None:
+    axis = observer.ch_axis if observer.qscheme.is_per_channel else None
+    return ops.fake_quantize_where(enabled, x, scale, zero_point, axis, quant_min, quant_max)
   if observer.qscheme.is_per_channel:
     return ops.fake_quantize_per_channel_affine(
       x, scale, zero_point, observer.ch_axis, quant_min, quant_max

@@ -12,7 +12,10 @@ The protocol (shared with :mod:`fake_quant_fused` and :mod:`learnable`), for a c
 * ``jo.enable_observer(state)`` / ``jo.disable_fake_quant(tree)`` ... flip the flags, which live in the
   state (torch keeps them in buffers) so toggling never recompiles.
 
-Under ``jax.jit`` the flags are traced and pick branches with ``lax.cond`` (eagerly, a Python ``if``).
+Under ``jax.jit`` the flags are traced. The output selects between the fake-quantized ``x`` and
+``x``, both computed, so XLA fuses the fake quantization and its straight-through mask with their
+neighbours; the observer runs under ``lax.cond`` (so a frozen one costs nothing), or, for inputs of
+at most ``reduce.SMALL`` elements, runs and is selected. Eagerly, a Python ``if`` picks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import base, fake_quant_state_dict, state_dict
+from jax_observers._src import base, fake_quant_state_dict, reduce, state_dict
 from jax_observers._src.base import Observer, QParams, QScheme, canonical_dtype, check_float_input
 from jax_observers._src.fake_quant_state import FakeQuantizeState
 from jax_observers._src.fixed import FixedQParamsObserver
@@ -86,6 +89,11 @@ def branch(flag, if_true, if_false, operand):
   if isinstance(flag, jax.core.Tracer):
     return lax.cond(flag, if_true, if_false, operand)
   return if_true(operand) if bool(flag) else if_false(operand)
+
+
+def select(flag, if_true, if_false):
+  """``if_true`` where ``flag`` is set, else ``if_false``: computed pytrees of one structure."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
 def _same_types(new, old):
@@ -250,13 +258,21 @@ class FakeQuantize(FakeQuantizeBase):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
     x = check_float_input(x, self)
     self.check_state(state, "apply")
-    state = branch(
-      state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
-    )
+    flag = state.observer_enabled
+    if isinstance(flag, jax.core.Tracer) and x.size <= reduce.SMALL:
+      # Observing a small input costs less than a lax.cond around it (a fusion barrier and a kernel
+      # boundary on the step's critical path): observe, then select.
+      state = select(flag, self.observe(state, x, axis_name), state)
+    else:
+      state = branch(flag, lambda s: self.observe(s, x, axis_name), lambda s: s, state)
     return self.output(state, x), state
 
   def output(self, state: FakeQuantizeState, x) -> jax.Array:
     """``x`` fake-quantized with the stored qparams when ``state.fake_quant_enabled``, else ``x``."""
+    flag = state.fake_quant_enabled
+    if isinstance(flag, jax.core.Tracer):  # a select XLA fuses; a lax.cond splits both passes
+      qparams = QParams(scale=state.scale, zero_point=state.zero_point)
+      return base.fake_quantize_on_grid(self.activation_post_process, x, qparams, enabled=flag)
     return branch(
       state.fake_quant_enabled,
       lambda a: self.fake_quant(*a),
