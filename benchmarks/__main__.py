@@ -14,7 +14,14 @@ import json
 import pathlib
 import time
 
-from benchmarks import common, eager_bench, granularity_bench, histogram_bench, observers_bench
+from benchmarks import (
+  common,
+  eager_bench,
+  granularity_bench,
+  histogram_bench,
+  observers_bench,
+  qat_bench,
+)
 
 
 def main(argv=None):
@@ -30,6 +37,7 @@ def main(argv=None):
   rows += histogram_bench.rows(repeats=args.repeats)
   rows += granularity_bench.rows(repeats=max(3, args.repeats // 2))
   rows += eager_bench.rows(repeats=args.repeats)
+  rows += qat_bench.rows(repeats=args.repeats)
   seconds = time.perf_counter() - start
   print(
     f"{machine['cpu']} ({machine['cores']} cores), JAX {machine['jax']} on {machine['backend']} "

@@ -12,7 +12,10 @@ The protocol (shared with :mod:`fused` and :mod:`learnable`), for a config ``fq`
 * ``jo.enable_observer(state)`` / ``jo.disable_fake_quant(tree)`` ... flip the flags, which live in the
   state (torch keeps them in buffers) so toggling never recompiles.
 
-Under ``jax.jit`` the flags are traced and pick branches with ``lax.cond`` (eagerly, a Python ``if``).
+Under ``jax.jit`` the flags are traced. The output selects between the fake-quantized ``x`` and
+``x``, both computed, so XLA fuses the fake quantization and its straight-through mask with their
+neighbours; the observer runs under ``lax.cond`` (so a frozen one costs nothing), or, for inputs of
+at most ``stats.SMALL`` elements, runs and is selected. Eagerly, a Python ``if`` picks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_observers._src import base, serialization
+from jax_observers._src import base, serialization, stats
 from jax_observers._src.base import (
   Observer,
   QParams,
@@ -35,7 +38,7 @@ from jax_observers._src.base import (
   canonical_dtype,
 )
 from jax_observers._src.config import PartialConfig, float_input, normalized_axis
-from jax_observers._src.fake_quant import layouts
+from jax_observers._src.fake_quant import layouts, ops
 from jax_observers._src.fake_quant.state import FakeQuantizeState
 from jax_observers._src.observers.fixed import FixedQParamsObserver
 from jax_observers._src.observers.minmax import MovingAverageMinMaxObserver
@@ -95,6 +98,11 @@ def branch(flag, if_true, if_false, operand):
   if isinstance(flag, jax.core.Tracer):
     return lax.cond(flag, if_true, if_false, operand)
   return if_true(operand) if bool(flag) else if_false(operand)
+
+
+def select(flag, if_true, if_false):
+  """``if_true`` where ``flag`` is set, else ``if_false``: computed pytrees of one structure."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
 def _same_types(new, old):
@@ -239,13 +247,23 @@ class FakeQuantize(FakeQuantizeBase):
     """``(y, new_state)``: observe first when enabled, then fake-quantize with the stored qparams."""
     x = float_input(x, self)
     self.check_state(state, "apply")
-    state = branch(
-      state.observer_enabled, lambda s: self.observe(s, x, axis_name), lambda s: s, state
-    )
+    flag = state.observer_enabled
+    if isinstance(flag, jax.core.Tracer) and x.size <= stats.SMALL:
+      # Observing a small input costs less than a lax.cond around it (a fusion barrier and a kernel
+      # boundary on the step's critical path): observe, then select.
+      state = select(flag, self.observe(state, x, axis_name), state)
+    else:
+      state = branch(flag, lambda s: self.observe(s, x, axis_name), lambda s: s, state)
     return self.output(state, x), state
 
   def output(self, state: FakeQuantizeState, x) -> jax.Array:
     """``x`` fake-quantized with the stored qparams when ``state.fake_quant_enabled``, else ``x``."""
+    flag = state.fake_quant_enabled
+    if isinstance(flag, jax.core.Tracer):  # a select XLA fuses; a lax.cond splits both passes
+      obs = self.activation_post_process
+      return ops.fake_quantize_where(
+        flag, x, state.scale, state.zero_point, obs.grid_axis, *obs.quant_range
+      )
     return branch(
       state.fake_quant_enabled,
       lambda a: self.fake_quant(*a),

@@ -48,6 +48,8 @@ from jax_observers._src import compiled, numerics
 from jax_observers._src.config import float_input, normalized_axis
 
 _INT32 = np.iinfo(np.int32)
+# Largest |quant_min|, |quant_max| for float32 codes: every code, and code - (z & 255), is exact.
+_FLOAT_CODES = 2**24 - 256
 
 
 def check_quant_range(quant_min, quant_max) -> tuple[int, int]:
@@ -83,6 +85,17 @@ def _clip_codes(q_f, quant_min: int, quant_max: int) -> jax.Array:
   return jnp.where(above_min, jnp.where(above_max, np.int32(quant_max), codes), np.int32(quant_min))
 
 
+def _float_codes(q_f, quant_min: int, quant_max: int, signed_zero: bool) -> jax.Array:
+  """``float32(_clip_codes(q_f))`` without the int32 round trip, for ranges inside ``_FLOAT_CODES``.
+
+  Float selects on the rounded ``q_f`` (an integer or NaN/inf). ``signed_zero``: ``q_f`` may be -0.0
+  (a float zero point), made +0.0 as ``float(0)``; an int one is added at run time, which gives +0.0.
+  """
+  lo, hi = np.float32(quant_min), np.float32(quant_max)
+  inside = jnp.where(q_f == 0, np.float32(0), q_f) if signed_zero else q_f
+  return jnp.where(q_f >= lo, jnp.where(q_f > hi, hi, inside), lo)
+
+
 def _in_range(q_f, quant_min: int, quant_max: int, *, exact: bool) -> jax.Array:
   """The STE mask. Per tensor, torch compares ``float(quant_min) <= q_f`` (bounds rounded to float)."""
   if exact:
@@ -101,10 +114,16 @@ def _inverse(scale) -> jax.Array:
   return numerics.exact_div(np.float32(1.0), scale)
 
 
+def _at_run_time(zero_point, dtype) -> jax.Array:
+  """``zero_point`` as ``dtype`` behind a barrier, so ``rne(...) + z`` is a real add: +0.0 for a code
+  of 0 even when ``z`` is a constant 0 (XLA folds ``r + 0`` to ``r``, which keeps ``rne``'s -0.0)."""
+  return lax.optimization_barrier(zero_point.astype(dtype))
+
+
 def per_tensor_codes(x, scale, zero_point, quant_min, quant_max):
   """``(codes, q_f)``: int32 clipped codes and the unclamped ``z + rne(x * (1/s))``."""
   dtype = _compute_dtype(x)
-  q_f = jnp.round(x.astype(dtype) * _inverse(scale).astype(dtype)) + zero_point.astype(dtype)
+  q_f = jnp.round(x.astype(dtype) * _inverse(scale).astype(dtype)) + _at_run_time(zero_point, dtype)
   return _clip_codes(q_f, quant_min, quant_max), q_f
 
 
@@ -123,14 +142,28 @@ def per_channel_codes(x, scale, zero_point, quant_min, quant_max):
   elif jnp.issubdtype(zero_point.dtype, jnp.floating):
     q_f = jnp.round(numerics.fma(x.astype(jnp.float32), inv, zero_point.astype(jnp.float32)))
   else:
-    q_f = jnp.round(x.astype(dtype) * inv.astype(dtype)) + zero_point.astype(dtype)
+    q_f = jnp.round(x.astype(dtype) * inv.astype(dtype)) + _at_run_time(zero_point, dtype)
   return _clip_codes(q_f, quant_min, quant_max), q_f
+
+
+def _float_code_minus(codes, zero_point) -> jax.Array:
+  """``float32(codes - zero_point)`` for :func:`_float_codes` and an int32 zero point, rounded once.
+
+  With ``z = h + l``, ``l = z & 255``: ``codes - l`` is exact and ``h`` (a multiple of 256) is a
+  float32, so only the last subtraction rounds, as torch's int64 difference converted to float.
+  """
+  low = zero_point & np.int32(255)
+  high = (zero_point - low).astype(jnp.float32)
+  # The barrier keeps XLA from folding a constant zero point's two parts into one rounded float.
+  return (codes - low.astype(jnp.float32)) - lax.optimization_barrier(high)
 
 
 def dequantize_codes(codes, scale, zero_point, dtype=np.float32) -> jax.Array:
   """``(codes - zero_point) * scale`` rounded once to ``dtype``, kept apart from any later add.
 
-  float64 is for torch's per-channel kernel on float64 inputs, which computes in double.
+  ``codes`` are int32, or float32 from :func:`_float_codes` (the same numbers without int32
+  conversions, which cost XLA:CPU more than the rest of the fake quantization). float64 is for
+  torch's per-channel kernel on float64 inputs, which computes in double.
   """
   if dtype == np.float64:
     y = (codes.astype(dtype) - zero_point.astype(dtype)) * scale.astype(dtype)
@@ -138,6 +171,8 @@ def dequantize_codes(codes, scale, zero_point, dtype=np.float32) -> jax.Array:
     # torch computes (q - z) * s in double: the difference is exact, the product rounds once.
     high, low = numerics.two_sum(codes.astype(jnp.float32), -zero_point.astype(jnp.float32))
     y = numerics.fma(high, scale, numerics.rounded(low * scale))
+  elif jnp.issubdtype(codes.dtype, jnp.floating):
+    y = _float_code_minus(codes, zero_point.astype(jnp.int32)) * scale
   else:
     y = numerics.int_sub_to_float32(codes, zero_point) * scale
   return numerics.rounded(y)
@@ -157,6 +192,9 @@ def _fake_quant_fwd(x, scale, zero_point, spec):
     codes, q_f = per_channel_codes(x, scale, zero_point, quant_min, quant_max)
     mask = _in_range(q_f, quant_min, quant_max, exact=True)
   precision = np.float64 if axis is not None and x.dtype == np.float64 else np.float32
+  if precision == q_f.dtype == np.float32 and max(-quant_min, quant_max) <= _FLOAT_CODES:
+    signed_zero = jnp.issubdtype(zero_point.dtype, jnp.floating)
+    codes = _float_codes(q_f, quant_min, quant_max, signed_zero)  # the int32 codes go unused
   y = dequantize_codes(codes, scale, zero_point, precision).astype(x.dtype)
   return y, mask
 
@@ -181,6 +219,41 @@ def _fake_quant_jvp(spec, primals, tangents):
   x, scale, zero_point = primals
   y, mask = _fake_quant_fwd(x, scale, zero_point, spec)
   return y, times_mask(tangents[0].astype(y.dtype), mask)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _fake_quant_where(x, scale, zero_point, enabled, spec):
+  return jnp.where(enabled, _fake_quant_fwd(x, scale, zero_point, spec)[0], x)
+
+
+@_fake_quant_where.defjvp
+def _fake_quant_where_jvp(spec, primals, tangents):
+  """``dy = dx * mask`` where ``enabled``, else ``dx * 1``: one product, the bits of a cond."""
+  x, scale, zero_point, enabled = primals
+  y, mask = _fake_quant_fwd(x, scale, zero_point, spec)
+  return jnp.where(enabled, y, x), times_mask(tangents[0].astype(y.dtype), mask | ~enabled)
+
+
+def fake_quantize_where(enabled, x, scale, zero_point, axis, quant_min, quant_max) -> jax.Array:
+  """``fake_quantize_per_{tensor,channel}_affine(x, ...)`` where the flag ``enabled`` is set, else x.
+
+  The same numbers and gradients as a ``lax.cond`` on ``enabled``, but both sides are computed and
+  selected, so XLA fuses the fake quantization with its neighbours and its straight-through mask
+  with the backward pass (a ``lax.cond`` is a fusion barrier in both passes). ``axis=None``: per
+  tensor.
+  """
+  per_tensor = axis is None
+  fn = f"fake_quantize_per_{'tensor' if per_tensor else 'channel'}_affine"
+  x = float_input(x, fn)
+  quant_min, quant_max = check_quant_range(quant_min, quant_max)
+  if per_tensor:
+    scale, zero_point = per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn)
+  else:
+    axis, scale, zero_point = per_channel_qparams(
+      x, scale, zero_point, axis, quant_min, quant_max, fn
+    )
+  enabled = jnp.asarray(enabled, jnp.bool_)
+  return _fake_quant_where(x, scale, zero_point, enabled, (axis, quant_min, quant_max))
 
 
 def per_tensor_qparams(scale, zero_point, quant_min, quant_max, fn: str):
