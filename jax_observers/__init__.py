@@ -103,7 +103,7 @@ from jax_observers._src.histogram.calibrators import (
   HistogramMSEObserver,
   HistogramPercentileObserver,
 )
-from jax_observers._src.histogram.observer import HistogramObserver, default_histogram_observer
+from jax_observers._src.histogram.observer import HistogramObserver
 from jax_observers._src.observers.fixed import FixedQParamsObserver, FixedQParamsState
 from jax_observers._src.observers.minmax import (
   MinMaxObserver,
@@ -128,6 +128,7 @@ from jax_observers._src.observers.presets import (
   default_fixed_qparams_range_neg1to1_observer,
   default_float_qparams_observer,
   default_float_qparams_observer_4bit,
+  default_histogram_observer,
   default_observer,
   default_per_channel_weight_observer,
   default_placeholder_observer,

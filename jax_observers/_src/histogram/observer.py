@@ -166,9 +166,6 @@ class HistogramObserver(grids.OnGrid, UniformObserver):
     return qparams.calculate_qparams(new_min, new_max, self)
 
 
-default_histogram_observer = HistogramObserver.with_args(quant_min=0, quant_max=127)
-
-
 def _to_dict(observer, state) -> dict[str, np.ndarray]:
   # The histogram keeps its dtype: float32 for torch's evenly spaced bins, int32 for the pow2 grid,
   # so a state dict says which grid its counts are on.

@@ -9,6 +9,7 @@ from jax_observers._src.base import (
   per_channel_symmetric,
   per_tensor_symmetric,
 )
+from jax_observers._src.histogram.observer import HistogramObserver
 from jax_observers._src.observers.fixed import FixedQParamsObserver
 from jax_observers._src.observers.minmax import MinMaxObserver
 from jax_observers._src.observers.per_channel import PerChannelMinMaxObserver
@@ -16,6 +17,7 @@ from jax_observers._src.observers.placeholder import PlaceholderObserver, ReuseI
 from jax_observers._src.observers.recording import RecordingObserver
 
 default_observer = MinMaxObserver.with_args(quant_min=0, quant_max=127)
+default_histogram_observer = HistogramObserver.with_args(quant_min=0, quant_max=127)
 default_placeholder_observer = PlaceholderObserver
 default_debug_observer = RecordingObserver
 default_weight_observer = MinMaxObserver.with_args(dtype=jnp.int8, qscheme=per_tensor_symmetric)
