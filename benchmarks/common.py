@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -127,3 +128,12 @@ def print_rows(rows: list[Row], *, markdown: bool = False) -> None:
         for i, (x, w) in enumerate(zip(c, widths, strict=True))
       )
     )
+
+
+def script_main(rows, doc: str, repeats: int) -> None:
+  """A benchmark script run alone: ``--repeats``, the machine's description, then its table."""
+  parser = argparse.ArgumentParser(description=doc)
+  parser.add_argument("--repeats", type=int, default=repeats)
+  args = parser.parse_args()
+  print(device_description())
+  print_rows(rows(repeats=args.repeats))

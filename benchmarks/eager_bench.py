@@ -9,7 +9,6 @@ Run: ``python benchmarks/eager_bench.py``.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import jax
@@ -116,11 +115,7 @@ def rows(repeats: int = 30) -> list[common.Row]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--repeats", type=int, default=30)
-  args = parser.parse_args()
-  print(common.device_description())
-  common.print_rows(rows(args.repeats))
+  common.script_main(rows, __doc__, repeats=30)
 
 
 if __name__ == "__main__":

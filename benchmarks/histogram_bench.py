@@ -8,7 +8,6 @@ of 4096 channels x 2048 bins (torch has none). Run: ``python benchmarks/histogra
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import jax
@@ -142,11 +141,7 @@ def rows(repeats: int = 15, n: int = N) -> list[common.Row]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--repeats", type=int, default=15)
-  args = parser.parse_args()
-  print(common.device_description())
-  common.print_rows(rows(args.repeats))
+  common.script_main(rows, __doc__, repeats=15)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ Run from the repository root: ``python -m benchmarks.qat_bench``.
 
 from __future__ import annotations
 
-import argparse
-
 try:
   from benchmarks import common
 except ImportError:  # run as a script
@@ -36,11 +34,7 @@ def rows(repeats: int = 15) -> list[common.Row]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--repeats", type=int, default=15)
-  args = parser.parse_args()
-  print(common.device_description())
-  common.print_rows(rows(repeats=args.repeats))
+  common.script_main(rows, __doc__, repeats=15)
 
 
 if __name__ == "__main__":
