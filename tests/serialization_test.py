@@ -28,15 +28,26 @@ def test_loading_never_mutates_its_input(obs, shape):
   chex.assert_trees_all_equal(jo.load_state_dict(obs, before, example=example), loaded)
 
 
-@pytest.mark.parametrize("obs, shape", CASES)
+def _eps_keys(d) -> list[str]:
+  return [k for k in d if k == "eps" or k.endswith(".eps")]
+
+
+# The configs whose torch state dict holds an eps (torch's layouts decide which do).
+EPS_CASES = [case for case in CASES if _eps_keys(_state_dict(*case.values)[0])]
+
+
+def test_the_eps_cases_cover_every_family_with_an_eps():
+  names = {type(case.values[0]).__name__ for case in EPS_CASES}
+  assert {"MinMaxObserver", "HistogramObserver", "HistogramPercentileObserver"} <= names, names
+  assert {"FakeQuantize", "LearnableFakeQuantize"} <= names, names
+
+
+@pytest.mark.parametrize("obs, shape", EPS_CASES)
 def test_every_eps_key_is_checked_against_the_config(obs, shape):
   """An ``eps`` that is not the config's is refused under strict loading, for every family alike
   (the percentile calibrator once accepted 0.5 where HistogramObserver refused it)."""
   d, example = _state_dict(obs, shape)
-  keys = [k for k in d if k == "eps" or k.endswith(".eps")]
-  if not keys:
-    pytest.skip(f"{type(obs).__name__}'s torch state dict has no eps")
-  for key in keys:
+  for key in _eps_keys(d):
     wrong = {**d, key: np.array([0.5], np.float32)}
     with pytest.raises(ValueError, match=r"state_dict\['eps'\] = float32\[1\] \[0.5\]"):
       jo.load_state_dict(obs, wrong, example=example)
