@@ -106,8 +106,9 @@ def batch_min_max(
   """float32 ``(min, max)`` of ``x`` over ``axes`` (None: all), skipping NaN (and +-inf).
 
   Large inputs run the plain reductions (and a NaN flag, in the same pass) first and the masked
-  pass only when they saw a value to skip, so clean data costs one read and nothing more; small inputs (activations of a training
-  step) take the masked reduction directly, which avoids a ``lax.cond`` on the step's critical path.
+  pass only when they saw a value to skip, so clean data costs one read and nothing more; small
+  inputs (activations of a training step) take the masked reduction directly, which avoids a
+  ``lax.cond`` on the step's critical path.
   """
   x = lax.stop_gradient(jnp.asarray(x))
   ndim = max(x.ndim, 1)
@@ -132,7 +133,9 @@ def batch_min_max(
     lo, hi = masked()
   else:
     lo, hi, nan = min_max(x, axes)
-    dirty = jnp.any(nan) | (jnp.any(~jnp.isfinite(lo) | ~jnp.isfinite(hi)) & ignore_nonfinite)
+    dirty = jnp.any(nan)
+    if ignore_nonfinite:  # infinities reach lo/hi (min/max keep them); only NaN needs the flag
+      dirty = dirty | jnp.any(jnp.isinf(lo) | jnp.isinf(hi))
     lo, hi = lax.cond(dirty, masked_variadic, lambda _: (lo, hi), None)
   return sync_min_max(lo.astype(jnp.float32), hi.astype(jnp.float32), axis_name)
 
